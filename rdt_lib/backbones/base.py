@@ -1,0 +1,132 @@
+"""The backbone interface shared by the dual-model sampler and the reward trainer.
+
+A backbone bundles what a text-to-image diffusion model needs around its denoising network: prompt
+encoding, one noise-prediction call, decoding latents to images, and the noise-schedule configuration.
+The denoising ``network`` is a plain ``torch.nn.Module`` that may carry peft LoRA adapters
+(:mod:`rdt_lib.lora`); :meth:`Backbone.predict` chooses the adapter per call or per batch row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..lora import use_adapters
+
+__all__ = ["Conditioning", "Backbone"]
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: named tensors, every one batch-first (row ``b`` belongs to prompt ``b``).
+
+    An unconditional backbone returns an empty conditioning that only carries the batch size.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name, t in self.tensors.items():
+            if t.shape[0] != self.batch_size:
+                raise ValueError(f"conditioning tensor {name!r} has {t.shape[0]} rows, expected {self.batch_size}")
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        """Stack several conditionings along the batch dimension (same keys required)."""
+        keys = set(items[0].tensors)
+        if any(set(c.tensors) != keys for c in items):
+            raise ValueError("cannot concatenate conditionings with different tensors")
+        return Conditioning(
+            {k: torch.cat([c.tensors[k] for c in items]) for k in items[0].tensors},
+            sum(c.batch_size for c in items),
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditioning":
+        """Move floating tensors to ``device`` / ``dtype``."""
+        return Conditioning(
+            {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in self.tensors.items()},
+            self.batch_size,
+        )
+
+
+class Backbone:
+    """Interface of a diffusion backbone. Subclasses implement the ``_``-free abstract methods.
+
+    Attributes:
+        network: the denoising network (UNet, MLP) that LoRA adapters are added to.
+        conditional: whether prompts change the prediction (False: classifier-free guidance is not
+            available and every CFG scale must be 1).
+        prediction_type: what ``network`` predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        scheduler_config: the diffusers scheduler config the network was trained with (``num_train_timesteps``,
+            ``beta_schedule``, ``prediction_type`` ...), used to build samplers.
+        default_cfg: the usual classifier-free guidance scale for this family (7.5 SD1.5, 5 SDXL, 1 toy).
+    """
+
+    network: torch.nn.Module
+    conditional: bool = True
+    prediction_type: str = "epsilon"
+    scheduler_config: Mapping[str, Any]
+    default_cfg: float = 1.0
+
+    # ---- to implement -------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], *, negative: bool = False) -> Conditioning:
+        """Encode ``prompts`` (one row each); no gradient. ``negative``: these are the unconditional /
+        negative prompts of classifier-free guidance (some models encode an empty negative specially)."""
+        raise NotImplementedError
+
+    def forward_network(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One raw network call: ``x`` latents ``[B, ...]``, ``t`` timesteps ``[B]`` in training-timestep
+        units (0 .. num_train_timesteps-1, not a step index), ``cond`` with B rows."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images ``[B, C, H, W]`` in [0, 1] (differentiable)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] to latents (for training on real images)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images")
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """Shape of one sample's latent (no batch dimension) for an image of ``height`` x ``width`` pixels."""
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
+
+    def empty_conditioning(self, batch_size: int) -> Conditioning:
+        """The unconditional ("") conditioning for classifier-free guidance."""
+        return self.encode_prompts([""] * batch_size, negative=True)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float | int,
+        cond: Conditioning,
+        adapters: str | None | Sequence[str | None] = None,
+        *,
+        lora_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Network prediction with a chosen LoRA adapter.
+
+        ``adapters``: ``None`` = base weights (adapters disabled), a name = that adapter, or one entry per
+        row of ``x`` (a mixed batch in one forward pass). ``t`` is a timestep in training units, a scalar or
+        one per row. ``lora_scale`` scales the named adapters' contribution.
+        """
+        if not torch.is_tensor(t):
+            t = torch.full((x.shape[0],), float(t), device=x.device)
+        elif t.ndim == 0:
+            t = t.to(x.device).reshape(1).expand(x.shape[0])
+        if x.shape[0] != cond.batch_size:
+            raise ValueError(f"x has {x.shape[0]} rows but the conditioning has {cond.batch_size}")
+        with use_adapters(self.network, adapters, scale=lora_scale):
+            return self.forward_network(x, t, cond)

@@ -1,0 +1,197 @@
+"""Stable Diffusion backbones (SD1.x/2.x-style and SDXL-style) on diffusers components.
+
+Prompt encoding goes through the diffusers pipeline's own ``encode_prompt`` so prompts are encoded
+exactly as diffusers samples them; the denoising call is ``unet(x, t, encoder_hidden_states, ...)``.
+Load from a diffusers directory or hub id (:meth:`StableDiffusionBackbone.from_pretrained`), a single
+``.safetensors`` checkpoint such as ComfyUI's ``models/checkpoints`` files
+(:meth:`StableDiffusionBackbone.from_single_file`), or an existing pipeline (:meth:`from_pipeline`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .base import Backbone, Conditioning
+
+__all__ = ["StableDiffusionBackbone"]
+
+
+class StableDiffusionBackbone(Backbone):
+    """A diffusers Stable Diffusion model as a backbone.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (its UNet is the ``network``).
+            The backbone keeps the pipeline for prompt encoding; the scheduler config is copied.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.network = pipe.unet
+        self.vae = pipe.vae
+        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        self.default_cfg = 5.0 if self.is_sdxl else 7.5
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # diffusers' SDXL default: an empty negative prompt is encoded as zeros
+        self.zero_empty_negative = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> "StableDiffusionBackbone":
+        """Wrap an already loaded diffusers pipeline."""
+        return cls(pipe)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        kind: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> "StableDiffusionBackbone":
+        """Load a diffusers-format model: a local directory with ``model_index.json`` or a hub id.
+
+        ``kind``: ``"sd15"`` (SD1.x/2.x pipeline), ``"sdxl"``, or ``"auto"`` (from ``model_index.json``).
+        """
+        from diffusers import StableDiffusionPipeline
+
+        pipe_cls = _pipeline_class(kind, path_or_id)
+        extra = {"safety_checker": None} if pipe_cls is StableDiffusionPipeline else {}
+        try:
+            pipe = pipe_cls.from_pretrained(str(path_or_id), torch_dtype=dtype, **extra, **kwargs)
+        except OSError as err:
+            raise OSError(
+                f"could not load a diffusers model from {str(path_or_id)!r}: {err}\n"
+                "Give a local diffusers directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                "scheduler/), a hub id reachable from this machine, or a single .safetensors checkpoint "
+                "(StableDiffusionBackbone.from_single_file)."
+            ) from err
+        if device is not None:
+            pipe.to(device)
+        return cls(pipe)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        kind: str = "sd15",
+        config: str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> "StableDiffusionBackbone":
+        """Load a single-file checkpoint (``.safetensors`` / ``.ckpt`` as in ComfyUI's ``models/checkpoints``).
+
+        ``config``: a local diffusers directory of the same architecture (model_index.json, component
+        configs and tokenizers) to take the configs from; without it diffusers fetches them from the hub,
+        which fails on an offline machine.
+        """
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if kind not in ("sd15", "sdxl"):
+            raise ValueError(f"kind must be 'sd15' or 'sdxl' for a single-file checkpoint, got {kind!r}")
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint file {str(p)!r} does not exist")
+        pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+        extra = {"safety_checker": None} if kind == "sd15" else {}
+        if config is not None:
+            extra["config"] = str(config)
+        try:
+            pipe = pipe_cls.from_single_file(str(p), torch_dtype=dtype, **extra, **kwargs)
+        except Exception as err:  # diffusers raises several error types here
+            raise ValueError(
+                f"could not load {str(p)!r} as a single-file {kind} checkpoint: {err}\n"
+                "Offline, pass config=<a local diffusers directory of the same architecture> so the component "
+                "configs and tokenizers need no download."
+            ) from err
+        if device is not None:
+            pipe.to(device)
+        return cls(pipe)
+
+    # ---- the backbone interface ---------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], *, negative: bool = False) -> Conditioning:
+        """Encode prompts with the pipeline's text encoder(s); no gradient.
+
+        SD: ``encoder_hidden_states [B, 77, D]``. SDXL: also the pooled ``text_embeds [B, 1280]``; an
+        all-empty negative prompt is zeros when the model's config says so (as diffusers samples).
+        """
+        prompts = list(prompts)
+        device = self.device
+        with torch.no_grad():
+            if not self.is_sdxl:
+                embeds, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+                return Conditioning({"encoder_hidden_states": embeds.to(self.dtype)}, len(prompts))
+            if negative and self.zero_empty_negative and all(p == "" for p in prompts):
+                embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+                embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+            else:
+                embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+        return Conditioning(
+            {"encoder_hidden_states": embeds.to(self.dtype), "text_embeds": pooled.to(self.dtype)}, len(prompts)
+        )
+
+    def _time_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """SDXL micro-conditioning for the default case: original = target size = the image size, no crop."""
+        h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
+        ids = torch.tensor([h, w, 0, 0, h, w], device=x.device, dtype=x.dtype)
+        return ids.expand(x.shape[0], 6)
+
+    def forward_network(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self.is_sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.tensors["text_embeds"], "time_ids": self._time_ids(x)}
+        return self.network(x, t, encoder_hidden_states=cond.tensors["encoder_hidden_states"], return_dict=False, **kwargs)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images ``[B, 3, H, W]`` in [0, 1] (differentiable; clamped)."""
+        vae = self.vae
+        z = latents
+        shift = getattr(vae.config, "shift_factor", None)
+        z = z / vae.config.scaling_factor + (shift if shift is not None else 0.0)
+        dtype = vae.dtype
+        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+            dtype = torch.float32
+        img = vae.decode(z.to(dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] -> latents (a sample of the VAE posterior)."""
+        vae = self.vae
+        dist = vae.encode((images * 2 - 1).to(device=vae.device, dtype=vae.dtype)).latent_dist
+        z = dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None)
+        return ((z - (shift if shift is not None else 0.0)) * vae.config.scaling_factor).to(self.dtype)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        default = int(self.network.config.sample_size) * self.vae_scale_factor
+        h, w = height or default, width or default
+        if h % self.vae_scale_factor or w % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {h}x{w}")
+        return (int(self.network.config.in_channels), h // self.vae_scale_factor, w // self.vae_scale_factor)
+
+
+def _pipeline_class(kind: str, path_or_id: str | os.PathLike):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if kind == "sd15":
+        return StableDiffusionPipeline
+    if kind == "sdxl":
+        return StableDiffusionXLPipeline
+    if kind != "auto":
+        raise ValueError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
+    index = Path(path_or_id) / "model_index.json"
+    if index.is_file():
+        import json
+
+        return StableDiffusionXLPipeline if "text_encoder_2" in json.loads(index.read_text()) else StableDiffusionPipeline
+    return StableDiffusionXLPipeline if "xl" in str(path_or_id).lower() else StableDiffusionPipeline
