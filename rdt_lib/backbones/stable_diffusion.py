@@ -20,6 +20,17 @@ from .base import Backbone, Conditioning
 __all__ = ["StableDiffusionBackbone"]
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers renamed ``torch_dtype`` to ``dtype``; pass whichever the installed version reads."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    except ImportError:  # pragma: no cover - very old diffusers
+        renamed = False
+    return {"dtype": dtype} if renamed else {"torch_dtype": dtype}
+
+
 class StableDiffusionBackbone(Backbone):
     """A diffusers Stable Diffusion model as a backbone.
 
@@ -65,8 +76,8 @@ class StableDiffusionBackbone(Backbone):
         pipe_cls = _pipeline_class(kind, path_or_id)
         extra = {"safety_checker": None} if pipe_cls is StableDiffusionPipeline else {}
         try:
-            pipe = pipe_cls.from_pretrained(str(path_or_id), torch_dtype=dtype, **extra, **kwargs)
-        except OSError as err:
+            pipe = pipe_cls.from_pretrained(str(path_or_id), **_dtype_kwarg(dtype), **extra, **kwargs)
+        except (OSError, ValueError) as err:
             raise OSError(
                 f"could not load a diffusers model from {str(path_or_id)!r}: {err}\n"
                 "Give a local diffusers directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
@@ -106,7 +117,7 @@ class StableDiffusionBackbone(Backbone):
         if config is not None:
             extra["config"] = str(config)
         try:
-            pipe = pipe_cls.from_single_file(str(p), torch_dtype=dtype, **extra, **kwargs)
+            pipe = pipe_cls.from_single_file(str(p), **_dtype_kwarg(dtype), **extra, **kwargs)
         except Exception as err:  # diffusers raises several error types here
             raise ValueError(
                 f"could not load {str(p)!r} as a single-file {kind} checkpoint: {err}\n"
