@@ -9,6 +9,7 @@ pass (peft's mixed-adapter batches: rows labelled ``None`` get the base weights)
 from __future__ import annotations
 
 import contextlib
+import weakref
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -69,9 +70,24 @@ def add_lora(
     return network
 
 
+_LAYER_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[str, ...], list[LoraLayer]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def lora_layers(network: torch.nn.Module) -> list[LoraLayer]:
-    """All peft LoRA layers inside ``network``."""
-    return [m for m in network.modules() if isinstance(m, LoraLayer)]
+    """All peft LoRA layers inside ``network``.
+
+    Cached per network (walking a UNet's modules takes milliseconds, and the sampler asks every step);
+    the cache is renewed whenever the network's ``peft_config`` names another set of adapters.
+    """
+    key = tuple(getattr(network, "peft_config", {}) or ())
+    cached = _LAYER_CACHE.get(network)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers = [m for m in network.modules() if isinstance(m, LoraLayer)]
+    _LAYER_CACHE[network] = (key, layers)
+    return layers
 
 
 def adapter_names(network: torch.nn.Module) -> list[str]:
@@ -96,6 +112,14 @@ def _mixed_batch_hook(module, args, kwargs, labels):
     return args, kwargs
 
 
+def _switch(layer: LoraLayer, disabled: bool, active: list[str]) -> None:
+    """Set which adapters a layer applies without touching ``requires_grad`` (peft's own
+    ``enable_adapters`` / ``set_adapter`` also flip trainability, and cost far more per call)."""
+    state = layer.__dict__  # plain attributes: skip nn.Module.__setattr__'s parameter/buffer checks
+    state["_disable_adapters"] = disabled
+    state["_active_adapter"] = active
+
+
 @contextlib.contextmanager
 def use_adapters(
     network: torch.nn.Module,
@@ -108,54 +132,45 @@ def use_adapters(
     ``adapters``: ``None`` = base weights (every adapter disabled); a name = that adapter alone; a list
     with one entry per batch row = a mixed batch (``None`` rows get the base weights). ``scale``
     multiplies the LoRA contribution of the named adapter(s) (the "LoRA scaling" baseline; 1 = as
-    trained). A network without LoRA layers accepts only ``None``. State is restored on exit.
+    trained). A network without LoRA layers accepts only ``None``. Which parameters are trainable is
+    never changed; the previous adapter state is restored on exit.
     """
     layers = lora_layers(network)
-    known = adapter_names(network)
     per_row = not (adapters is None or isinstance(adapters, str))
     wanted = {a for a in (adapters if per_row else [adapters]) if a is not None}  # type: ignore[union-attr]
-    unknown = wanted - set(known)
-    if unknown:
-        raise ValueError(f"unknown LoRA adapter(s) {sorted(unknown)}; the network has {known or 'no adapters'}")
+    if wanted:
+        known = adapter_names(network)
+        unknown = wanted - set(known)
+        if unknown:
+            raise ValueError(f"unknown LoRA adapter(s) {sorted(unknown)}; the network has {known or 'no adapters'}")
     if not layers:
         yield
         return
 
-    saved = [(layer, layer.disable_adapters, list(layer.active_adapters), dict(layer.scaling)) for layer in layers]
-    # peft's enable_adapters / set_adapter also flip requires_grad; choosing an adapter must not change
-    # what is trainable, so the flags are put back right after switching and again on exit.
-    trainable = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    saved = [(layer, layer._disable_adapters, layer._active_adapter) for layer in layers]
+    scaled = [(layer, name, layer.scaling[name]) for layer in layers for name in wanted if name in layer.scaling] \
+        if scale != 1.0 else []
     handles = []
     try:
-        for layer in layers:
-            if per_row:
-                layer.enable_adapters(True)
-            elif adapters is None:
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
-                layer.set_adapter(adapters)
-            if scale != 1.0:
-                for name in wanted:
-                    if name in layer.scaling:
-                        layer.scaling[name] = layer.scaling[name] * scale
-        for p, flag in trainable:
-            p.requires_grad_(flag)
         if per_row:
-            labels = [BASE_ROW if a is None else a for a in adapters]  # type: ignore[union-attr]
             for layer in layers:
-                handles.append(
-                    layer.register_forward_pre_hook(partial(_mixed_batch_hook, labels=labels), with_kwargs=True)
-                )
+                _switch(layer, False, list(layer.active_adapters))
+            labels = [BASE_ROW if a is None else a for a in adapters]  # type: ignore[union-attr]
+            hook = partial(_mixed_batch_hook, labels=labels)
+            handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+        elif adapters is None:
+            for layer in layers:
+                _switch(layer, True, layer._active_adapter)
+        else:
+            for layer in layers:
+                _switch(layer, False, [adapters])
+        for layer, name, value in scaled:
+            layer.scaling[name] = value * scale
         yield
     finally:
         for h in handles:
             h.remove()
-        for layer, disabled, active, scaling in saved:
-            layer.enable_adapters(not disabled)
-            if active:
-                layer.set_adapter(active)
-            layer.scaling.clear()
-            layer.scaling.update(scaling)
-        for p, flag in trainable:
-            p.requires_grad_(flag)
+        for layer, disabled, active in saved:
+            _switch(layer, disabled, active)
+        for layer, name, value in scaled:
+            layer.scaling[name] = value

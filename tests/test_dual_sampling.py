@@ -194,3 +194,20 @@ def test_bad_inputs(models):
         sample(bb, [""] * 2, scheduler="heun")
     with pytest.raises(ValueError, match="prompts is empty"):
         sample(bb, [])
+
+
+def test_adapter_added_later_is_seen(models):
+    """The LoRA-layer cache is renewed when another adapter is injected."""
+    bb, _, net = models
+    x, t = torch.randn(4, 2), torch.full((4,), 500.0)
+    with torch.no_grad():
+        with use_adapters(net, "tuned"):
+            tuned = net(x, t)
+        add_lora(net, "other", rank=2, target_modules=TOY_LORA_TARGETS, init_lora_weights=False)
+        with use_adapters(net, "other"):
+            other = net(x, t)
+        with use_adapters(net, ["tuned", "tuned", "other", "other"]):
+            mixed = net(x, t)
+    assert not torch.allclose(tuned, other)
+    torch.testing.assert_close(mixed[:2], tuned[:2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[2:], other[2:], rtol=0, atol=1e-6)
