@@ -1,4 +1,12 @@
-"""The LoRA reward trainer: configuration (:mod:`.config`), checkpoints (:mod:`.checkpoint`) and the loop.
+"""The LoRA reward trainer.
 
-Run it with ``python -m rdt_lib.train`` (or ``accelerate launch -m rdt_lib.train``).
+Modules: :mod:`.config` (schema, TOML/YAML, ``--set`` overrides, presets), :mod:`.data` (prompts, image +
+caption datasets), :mod:`.trainer` (the optimisation loop, multi-process gradient averaging, EMA, NaN handling,
+resumable state), :mod:`.checkpoint` (atomic checkpoints), :mod:`.run` (config -> model, rewards, objective,
+logging, validation, checkpoints, kohya LoRA output), :mod:`.cli` (the command line).
+
+Run it with ``python -m rdt_lib.train --config X.toml`` or, on several GPUs,
+``accelerate launch --num_processes N -m rdt_lib.train --config X.toml`` (on CPU-only machines use
+``accelerate launch --multi_gpu --num_processes N ...``: accelerate's ``--cpu`` flag selects a single-process
+launcher).
 """

@@ -140,6 +140,8 @@ class ModelConfig:
     kind: str = _f("auto", "architecture: sd15, sdxl, or auto (detected from the weights)",
                    choices=("auto", "sd15", "sdxl"))
     resolution: int = _f(0, "training image size in pixels (multiple of 8); 0 = native (512 SD1.5, 1024 SDXL)")
+    single_file_config: str = _f("", "single-file checkpoints: a local diffusers directory of the same architecture "
+                                     "to take component configs and tokenizers from ('' = fetch them from the hub)")
 
 
 @dataclass
@@ -836,6 +838,8 @@ def validate_config(
             err("model.path is empty: give a diffusers directory, a .safetensors checkpoint or a hub id")
         elif _looks_local(c.model.path) and not Path(c.model.path).expanduser().exists():
             err(f"model.path {c.model.path!r} does not exist")
+        if c.model.single_file_config and not Path(c.model.single_file_config).expanduser().is_dir():
+            err(f"model.single_file_config {c.model.single_file_config!r} is not a directory")
         if d.prompts_file and not Path(d.prompts_file).expanduser().is_file():
             err(f"data.prompts_file {d.prompts_file!r} does not exist")
         if obj == "imagerefl" and d.dataset and not d.dataset.startswith("hf:") and _looks_local(d.dataset):

@@ -1,0 +1,67 @@
+"""ReFL (ImageReward, Xu et al.): one gradient step at a random late step, reward on the predicted x0.
+
+Sample a ``num_steps`` schedule (40 in the paper) from noise without gradient up to a stop step ``s`` drawn
+uniformly from ``stop_range`` (inclusive, default [30, 39]); at step ``s`` evaluate the tuned model with gradient,
+predict x0 from its output (epsilon or v-prediction, the scheduler's ``alphas_cumprod``), decode and score.
+ImageReward's loss is ``relu(2 - reward) * 1e-3`` (``reward_loss="hinge"``, ``loss_scale=0.001``).
+The stop step is drawn once per micro-batch from ``Batch.batch_seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backbones.base import Backbone
+from ..sampling import denoise
+from .base import Batch, ObjectiveOutput, RewardFn
+from .common import ObjectiveRun, SamplingObjective, predict_x0
+
+__all__ = ["ReFL", "refl_step", "draw_stop_step"]
+
+
+def draw_stop_step(stop_range: tuple[int, int], batch: Batch) -> int:
+    """A step index drawn uniformly from ``[first, last]`` with the batch's per-batch generator."""
+    lo, hi = int(stop_range[0]), int(stop_range[1])
+    return int(torch.randint(lo, hi + 1, (1,), generator=batch.generator(2)).item())
+
+
+def refl_step(run: ObjectiveRun, latents: torch.Tensor, step: int) -> torch.Tensor:
+    """With gradient: the tuned model's guided prediction at step index ``step`` and the x0 estimate from it."""
+    sch = run.scheduler
+    t = sch.timesteps[step]
+    with torch.enable_grad():
+        model_input = sch.scale_model_input(latents, t)
+        pred = run.denoiser(model_input, t, step, run.obj.num_steps)
+        return predict_x0(sch, latents, pred, step, run.backbone.prediction_type)
+
+
+@dataclass
+class ReFL(SamplingObjective):
+    """ReFL loss (shared settings: :class:`SamplingObjective`).
+
+    Args:
+        stop_range: ``(first, last)`` step indices (inclusive) of the gradient step, ``0 <= first <= last <
+            num_steps``; the paper: (30, 39) of 40.
+    """
+
+    num_steps: int = 40
+    stop_range: tuple[int, int] = (30, 39)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        lo, hi = self.stop_range
+        if not 0 <= lo <= hi < self.num_steps:
+            raise ValueError(f"stop_range {tuple(self.stop_range)} must satisfy 0 <= first <= last < num_steps "
+                             f"= {self.num_steps}")
+
+    def __call__(self, backbone: Backbone, reward_fn: RewardFn, batch: Batch) -> ObjectiveOutput:
+        run = self.start(backbone, batch)
+        noise, gens = run.noise()
+        stop = draw_stop_step(self.stop_range, batch)
+        latents = denoise(run.denoiser, run.scheduler, noise * run.scheduler.init_noise_sigma, self.num_steps,
+                          end_step=stop, generator=gens, eta=run.eta, set_timesteps=False)
+        x0 = refl_step(run, latents, stop)
+        images = backbone.decode(x0)
+        return run.finish(images, batch.prompts, reward_fn, extra_metrics={"stop_step": float(stop)})

@@ -1,0 +1,494 @@
+"""The trainer application: a :class:`~.config.TrainConfig` in, a kohya-format LoRA out.
+
+:func:`train_from_config` builds everything from the configuration (accelerate, model, LoRA, rewards, objective,
+data), resumes from a checkpoint when asked, runs the loop with logging (tqdm, TensorBoard scalars, a validation
+grid), checkpoints every N steps and on Ctrl-C / SIGTERM, and finally writes::
+
+    <output_dir>/<output_name>.safetensors   kohya keys + metadata (EMA weights when EMA is on)
+    <output_dir>/<output_name>.toml          the resolved configuration
+    <output_dir>/checkpoint-<step>/          the last checkpoints (see :mod:`.checkpoint`)
+    <output_dir>/logs/                       TensorBoard events
+    <output_dir>/validation/step-<N>.png     validation grids (rows: prompts, columns: seeds)
+
+Several processes (``accelerate launch -m rdt_lib.train``): every process builds the same model and draws the
+same global batches, trains on its share, and the LoRA gradients are averaged (see :mod:`.trainer`). Only the
+main process writes files; checkpoint saves follow the collective-free protocol of :mod:`.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..lora import add_lora
+from ..lora_io import kohya_metadata, save_lora_safetensors, unet_lora_to_kohya
+from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .config import ConfigError, TrainConfig, config_hash, to_toml
+from .trainer import NonFiniteLossError, RewardTrainer, TrainerSettings
+
+__all__ = [
+    "TrainResult",
+    "train_from_config",
+    "build_backbone",
+    "build_reward",
+    "build_objective",
+    "build_data",
+    "detect_checkpoint_kind",
+    "ADAPTER",
+]
+
+ADAPTER = "tuned"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced.
+
+    Attributes:
+        lora_path: the kohya-format LoRA file (None when the run was interrupted before the end).
+        config_path: the resolved configuration next to it.
+        steps: optimizer steps done.
+        history: per-step metrics of this process's run (after resume: only the new steps).
+        interrupted: stopped by Ctrl-C / SIGTERM (a checkpoint was saved).
+        checkpoint: the last checkpoint written (or resumed from).
+    """
+
+    lora_path: Path | None
+    config_path: Path | None
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# builders
+
+
+def detect_checkpoint_kind(path: str | Path) -> str:
+    """``sdxl`` or ``sd15`` from a single-file checkpoint's keys (SDXL has a second text encoder)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        keys = list(sd.get("state_dict", sd))
+    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
+
+
+def build_backbone(config: TrainConfig, *, device: torch.device, dtype: torch.dtype):
+    """The Stable Diffusion backbone of ``config.model`` (diffusers dir, single file or hub id), frozen."""
+    from ..backbones.stable_diffusion import StableDiffusionBackbone
+
+    m = config.model
+    path = Path(m.path).expanduser()
+    if path.is_file():
+        kind = detect_checkpoint_kind(path) if m.kind == "auto" else m.kind
+        backbone = StableDiffusionBackbone.from_single_file(path, kind=kind, config=m.single_file_config or None,
+                                                            dtype=dtype, device=device)
+    else:
+        backbone = StableDiffusionBackbone.from_pretrained(str(path) if path.exists() else m.path, kind=m.kind,
+                                                           dtype=dtype, device=device)
+    pipe = backbone.pipe
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return backbone
+
+
+def build_reward(config: TrainConfig, *, device: torch.device, dtype: torch.dtype | None = None,
+                 gradient_checkpointing: bool = False):
+    """A ``CombinedReward`` of ``config.rewards`` (labels: the reward names, ``name#i`` for repeats) with each
+    reward's weight and ``(reward + offset) * scale`` normalisation."""
+    from ..rewards import CombinedReward, Normalization, load_reward
+
+    models, weights, norms = {}, {}, {}
+    for i, r in enumerate(config.rewards):
+        label = r.name if r.name not in models else f"{r.name}#{i}"
+        model = load_reward(r.name, path=r.path or None, device=device, dtype=dtype)
+        if gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing(True)
+        models[label] = model
+        weights[label] = r.weight
+        norms[label] = Normalization(offset=r.offset, scale=r.scale)
+    return CombinedReward(models, weights, norms)
+
+
+def build_objective(config: TrainConfig):
+    """The objective of ``config.run.objective`` with the objective, sampling and regulariser settings."""
+    from ..objectives import DraftK, DraftLV, ImageReFL, ReFL
+
+    o, s, g = config.objective, config.sampling, config.regularizers
+    res = config.model.resolution or None
+    common = dict(
+        num_steps=o.num_steps, adapter=ADAPTER, cfg_scale=s.cfg_scale, scheduler=s.scheduler, eta=s.eta,
+        eta_range=tuple(g.random_eta_range) if g.random_eta_range else None, kl_coeff=g.kl_coeff,
+        reward_loss=o.reward_loss, hinge_margin=o.hinge_margin, loss_scale=o.loss_scale, height=res, width=res,
+        negative_prompt=s.negative_prompt,
+    )
+    name = config.run.objective
+    if name == "draft":
+        return DraftK(k=None if o.k == "all" else int(o.k), **common)
+    if name == "draft-lv":
+        return DraftLV(n=o.lv_n, **common)
+    if name == "refl":
+        return ReFL(stop_range=tuple(o.refl_stop_range), **common)
+    if name == "imagerefl":
+        return ImageReFL(stop_range=tuple(o.refl_stop_range), start_step=o.imagerefl_start_step,
+                         diffusion_loss_weight=o.diffusion_loss_weight, plain_refl_every=o.plain_refl_every, **common)
+    raise ConfigError(f"unknown objective {name!r}")
+
+
+def build_data(config: TrainConfig, image_size: int):
+    """Prompts (draft, draft-lv, refl) or the image + caption dataset (imagerefl)."""
+    from .data import load_prompts, open_image_dataset
+    from .trainer import PromptSource
+
+    d = config.data
+    if config.run.objective == "imagerefl":
+        return open_image_dataset(d.dataset, image_size, split=d.dataset_split, image_column=d.image_column,
+                                  caption_column=d.caption_column)
+    return PromptSource(load_prompts(d.prompts, d.prompts_file))
+
+
+def trainer_settings(config: TrainConfig) -> TrainerSettings:
+    p = config.optim
+    return TrainerSettings(
+        lr=p.lr, weight_decay=p.weight_decay, betas=tuple(p.betas), eps=p.eps, warmup_steps=p.warmup_steps,
+        lr_schedule=p.lr_schedule, max_steps=config.run.max_steps, grad_clip=p.grad_clip, batch_size=p.batch_size,
+        grad_accum=p.grad_accum, seed=config.run.seed, ema_decay=p.ema_decay,
+        l2_init_coeff=config.regularizers.l2_init_coeff,
+        per_reward_grad_norm=config.regularizers.per_reward_grad_norm,
+        max_nonfinite_steps=config.run.max_nonfinite_steps,
+    )
+
+
+def _make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    mp = config.optim.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("optim.mixed_precision = \"fp16\" needs a CUDA GPU; use \"bf16\" or \"no\" on CPU")
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# signals
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM: the first signal asks the loop to save a checkpoint and stop after the current step; a
+    second Ctrl-C aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self.log = log
+        self._saved: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
+                 f"(Ctrl-C again to abort without saving)")
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._saved.items():
+            signal.signal(sig, old)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# validation grid
+
+
+def _grid(images: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[rows*cols, 3, H, W]`` (row-major) -> one ``[3, rows*H, cols*W]`` image."""
+    _, c, h, w = images.shape
+    return images.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def validation_grid(backbone, config: TrainConfig, prompts: list[str]) -> torch.Tensor:
+    """The tuned model's images for ``prompts`` x ``config.validation.seeds`` as one grid ``[3, H', W']``."""
+    from ..dual import ModelBranch
+    from ..sampling import sample
+
+    v, s = config.validation, config.sampling
+    seeds = list(v.seeds)
+    res = config.model.resolution or None
+    rows = [p for p in prompts for _ in seeds]
+    row_seeds = [sd for _ in prompts for sd in seeds]
+    tuned = ModelBranch(backbone, adapter=ADAPTER, cfg_scale=s.cfg_scale)
+    out = sample(ModelBranch(backbone, cfg_scale=s.cfg_scale), rows, tuned=tuned, schedule="tuned",
+                 scheduler=s.scheduler, num_steps=v.num_steps, seeds=row_seeds, height=res, width=res,
+                 negative_prompt=s.negative_prompt)
+    return _grid(out.images.float().cpu(), len(prompts), len(seeds))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def export_lora(trainer: RewardTrainer, config: TrainConfig, backbone, path: Path) -> Path:
+    """Write the trained (EMA when on) LoRA as kohya-format safetensors with metadata."""
+    state = trainer.lora_state(ema=True)
+    dtype = _DTYPES[config.checkpoint.lora_dtype]
+    tensors = unet_lora_to_kohya(backbone.network, ADAPTER, state_dict=state, dtype=dtype)
+    rewards = [{"name": r.name, "weight": r.weight, "scale": r.scale, "offset": r.offset} for r in config.rewards]
+    meta = kohya_metadata(
+        rank=config.lora.rank, alpha=config.lora.alpha,
+        base_model_version="sdxl_base_v1-0" if getattr(backbone, "is_sdxl", False) else "sd_v1",
+        extra={
+            "ss_steps": str(trainer.step_count),
+            "ss_output_name": config.run.output_name,
+            "ss_sd_model_name": Path(config.model.path).name or config.model.path,
+            "ss_seed": str(config.run.seed),
+            "ss_learning_rate": repr(config.optim.lr),
+            "rdt_objective": config.run.objective,
+            "rdt_rewards": json.dumps(rewards),
+            "rdt_base_model": config.model.path,
+            "rdt_steps": str(trainer.step_count),
+            "rdt_ema": "true" if trainer.ema is not None else "false",
+            "rdt_target_modules": json.dumps(list(config.lora.target_modules)),
+            "rdt_regularizers": json.dumps({"kl_coeff": config.regularizers.kl_coeff,
+                                            "l2_init_coeff": config.regularizers.l2_init_coeff,
+                                            "random_eta_range": list(config.regularizers.random_eta_range),
+                                            "per_reward_grad_norm": config.regularizers.per_reward_grad_norm}),
+            "rdt_config_hash": config_hash(config),
+        },
+    )
+    return save_lora_safetensors(path, tensors, meta)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def train_from_config(
+    config: TrainConfig,
+    *,
+    accelerator: Any = None,
+    log: Callable[[str], None] | None = None,
+    step_callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run the whole training described by ``config`` (validated already; see :func:`.config.load_config`).
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` (default: one is created with ``optim.mixed_precision``).
+        log: message sink (default: ``print`` on the main process).
+        step_callback: called after each optimizer step as ``callback(step, metrics)`` (tests use it to interrupt).
+
+    Raises:
+        ConfigError: inputs that turn out unusable once loaded (e.g. an empty dataset).
+        NonFiniteLossError: too many consecutive NaN / inf steps (a checkpoint of the last good state is saved).
+    """
+    acc = accelerator or _make_accelerator(config)
+    main = acc.is_main_process
+    say = log or (lambda msg: print(msg, flush=True) if main else None)
+    out_dir = Path(config.run.output_dir).expanduser()
+    device = acc.device
+    weight_dtype = torch.float32
+    if device.type == "cuda" and config.optim.mixed_precision in ("fp16", "bf16"):
+        weight_dtype = _DTYPES[config.optim.mixed_precision]
+
+    # ---- model, LoRA, rewards, objective, data
+    t0 = time.perf_counter()
+    backbone = build_backbone(config, device=device, dtype=weight_dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        add_lora(backbone.network, ADAPTER, rank=config.lora.rank, alpha=config.lora.alpha,
+                 target_modules=list(config.lora.target_modules), dropout=config.lora.dropout,
+                 init_lora_weights="gaussian" if config.lora.init == "gaussian" else True)
+    if config.optim.gradient_checkpointing:
+        backbone.network.enable_gradient_checkpointing()
+        if hasattr(backbone.vae, "enable_gradient_checkpointing"):
+            backbone.vae.enable_gradient_checkpointing()
+    reward = build_reward(config, device=device, dtype=None if device.type == "cuda" else torch.float32,
+                          gradient_checkpointing=config.optim.gradient_checkpointing)
+    objective = build_objective(config)
+    image_size = config.model.resolution or backbone.latent_shape()[-1] * backbone.vae_scale_factor
+    data = build_data(config, image_size)
+    torch.manual_seed(config.run.seed + 1000 * acc.process_index)  # LoRA dropout etc.: per process
+    trainer = RewardTrainer(backbone, objective, reward, data, adapter=ADAPTER, settings=trainer_settings(config),
+                            accelerator=acc)
+    n_params = sum(p.numel() for p in trainer.param_list)
+    say(f"model {config.model.path} ({'sdxl' if backbone.is_sdxl else 'sd15'}, {weight_dtype}), LoRA rank "
+        f"{config.lora.rank}: {n_params:,} trainable parameters; objective {config.run.objective}; rewards "
+        f"{', '.join(r.name for r in config.rewards)}; {len(data)} training items; {acc.num_processes} process(es), "
+        f"global batch {config.optim.batch_size * config.optim.grad_accum * acc.num_processes} "
+        f"[{time.perf_counter() - t0:.1f} s]")
+
+    # ---- checkpoints, resume
+    manager = CheckpointManager(out_dir, config.checkpoint.keep_last, is_main_process=main)
+    resumed_from = None
+    if config.run.resume:
+        ckpt = manager.latest() if config.run.resume == "latest" else Path(config.run.resume).expanduser()
+        if ckpt is None:
+            say(f"resume = latest: no checkpoint in {out_dir} yet, starting from scratch")
+        else:
+            state = manager.load(ckpt)
+            trainer.load_state_dict(state)
+            rng = state.get("rng")
+            if isinstance(rng, list) and len(rng) == acc.num_processes:
+                restore_rng_state(rng[acc.process_index])
+            old_hash = state["meta"].get("config_hash")
+            if old_hash and old_hash != config_hash(_resume_neutral(config)):
+                warnings.warn("the configuration differs from the one the checkpoint was written with; continuing "
+                              "with the new settings", RuntimeWarning, stacklevel=2)
+            resumed_from = ckpt
+            say(f"resumed from {ckpt} at step {trainer.step_count}")
+
+    config_text = to_toml(config)
+
+    def save_checkpoint() -> Path | None:
+        state = trainer.state_dict()
+        rng_states = [capture_rng_state()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
+        state["rng"] = list(rng_states)
+        acc.wait_for_everyone()
+        path = manager.save(trainer.step_count, state, extra_files={"config.toml": config_text},
+                            metadata={"config_hash": config_hash(_resume_neutral(config)),
+                                      "objective": config.run.objective, "world_size": acc.num_processes})
+        acc.wait_for_everyone()
+        if path is not None:
+            say(f"checkpoint saved: {path}")
+        return path
+
+    # ---- logging
+    writer = None
+    if main and config.logging.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "logs"))
+    val_prompts = list(config.validation.prompts)
+    if config.validation.every > 0 and not val_prompts:
+        val_prompts = data.get(list(range(min(4, len(data)))))[0]
+
+    bar = None
+    if main and config.logging.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.run.max_steps, initial=trainer.step_count, desc="training", dynamic_ncols=True)
+
+    history: list[dict[str, float]] = []
+    last_ckpt = resumed_from
+    interrupted = False
+    try:
+        with _StopFlag(say) as stop:
+            while trainer.step_count < config.run.max_steps:
+                try:
+                    metrics = trainer.step()
+                except NonFiniteLossError:
+                    if trainer.step_count > 0:
+                        last_ckpt = save_checkpoint() or last_ckpt
+                    raise
+                history.append(metrics)
+                step = trainer.step_count
+                if bar is not None:
+                    bar.n = step
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", reward=f"{metrics.get('reward', float('nan')):.4g}")
+                    bar.refresh()
+                if writer is not None and metrics["skipped"] == 0 and step % config.logging.log_every == 0:
+                    for key, value in metrics.items():
+                        if key != "step" and math.isfinite(value):
+                            writer.add_scalar(f"train/{key}", value, step)
+                if step_callback is not None:
+                    step_callback(step, metrics)
+                if metrics["skipped"] == 0 and config.validation.every > 0 and step % config.validation.every == 0:
+                    if main:
+                        with trainer.ema_weights(), acc.autocast():
+                            grid = validation_grid(backbone, config, val_prompts)
+                        _save_png(grid, out_dir / "validation" / f"step-{step:06d}.png")
+                        if writer is not None:
+                            writer.add_image("validation", grid, step)
+                    acc.wait_for_everyone()
+                stop_now = _any_process(acc, stop.requested)
+                periodic = (config.checkpoint.every > 0 and step % config.checkpoint.every == 0
+                            and metrics["skipped"] == 0)
+                if periodic or (stop_now and config.checkpoint.save_on_interrupt):
+                    last_ckpt = save_checkpoint() or last_ckpt
+                if stop_now:
+                    interrupted = True
+                    say(f"stopped at step {step} by request; resume with --resume latest")
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.flush()
+            writer.close()
+
+    if interrupted:
+        return TrainResult(None, None, trainer.step_count, history, True, last_ckpt)
+
+    if config.checkpoint.every == 0 or trainer.step_count % max(1, config.checkpoint.every) != 0:
+        last_ckpt = save_checkpoint() or last_ckpt
+    lora_path = out_dir / f"{config.run.output_name}.safetensors"
+    config_path = out_dir / f"{config.run.output_name}.toml"
+    if main:
+        export_lora(trainer, config, backbone, lora_path)
+        _atomic_text(config_path, config_text)
+        say(f"LoRA written: {lora_path}\nconfig: {config_path}")
+    acc.wait_for_everyone()
+    return TrainResult(lora_path, config_path, trainer.step_count, history, False, last_ckpt)
+
+
+def _any_process(acc: Any, flag: bool) -> bool:
+    """True on every process when ``flag`` is set on any (a signal may reach the processes at different steps)."""
+    if acc.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.to(acc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _resume_neutral(config: TrainConfig) -> TrainConfig:
+    """The configuration without the keys that may change between a run and its resumption."""
+    import dataclasses
+
+    run = dataclasses.replace(config.run, resume="", max_steps=0)
+    logging_ = dataclasses.replace(config.logging, progress_bar=False)
+    return dataclasses.replace(config, run=run, logging=logging_)
