@@ -26,7 +26,7 @@ from ..backbones.base import Backbone
 from ..sampling import denoise, initial_noise
 from .base import Batch, ObjectiveOutput, RewardFn
 from .common import SamplingObjective, diffusion_target, noise_to_step
-from .refl import ReFL, draw_stop_step, refl_step
+from .refl import ReFL, check_stop_range, draw_stop_step, refl_step
 
 __all__ = ["ImageReFL"]
 
@@ -64,10 +64,8 @@ class ImageReFL(SamplingObjective):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        lo, hi = self.stop_range
-        if not 0 <= lo <= hi < self.num_steps:
-            raise ValueError(f"stop_range {tuple(self.stop_range)} must satisfy 0 <= first <= last < num_steps "
-                             f"= {self.num_steps}")
+        check_stop_range(self.stop_range, self.num_steps)
+        lo = self.stop_range[0]
         if not 0 <= self.start_step <= lo:
             raise ValueError(f"start_step = {self.start_step} must be in [0, stop_range[0] = {lo}]")
         if self.diffusion_loss_weight < 0:

@@ -21,6 +21,13 @@ from .common import ObjectiveRun, SamplingObjective, predict_x0
 __all__ = ["ReFL", "refl_step", "draw_stop_step"]
 
 
+def check_stop_range(stop_range: tuple[int, int], num_steps: int) -> None:
+    """``stop_range = (first, last)`` step indices must satisfy ``0 <= first <= last < num_steps``."""
+    lo, hi = stop_range
+    if not 0 <= lo <= hi < num_steps:
+        raise ValueError(f"stop_range {tuple(stop_range)} must satisfy 0 <= first <= last < num_steps = {num_steps}")
+
+
 def draw_stop_step(stop_range: tuple[int, int], batch: Batch) -> int:
     """A step index drawn uniformly from ``[first, last]`` with the batch's per-batch generator."""
     lo, hi = int(stop_range[0]), int(stop_range[1])
@@ -51,10 +58,7 @@ class ReFL(SamplingObjective):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        lo, hi = self.stop_range
-        if not 0 <= lo <= hi < self.num_steps:
-            raise ValueError(f"stop_range {tuple(self.stop_range)} must satisfy 0 <= first <= last < num_steps "
-                             f"= {self.num_steps}")
+        check_stop_range(self.stop_range, self.num_steps)
 
     def __call__(self, backbone: Backbone, reward_fn: RewardFn, batch: Batch) -> ObjectiveOutput:
         run = self.start(backbone, batch)

@@ -32,6 +32,7 @@ from .weights import (
     hub_file,
     load_checkpoint,
     materialise_position_ids,
+    require_keys,
     strip_prefix,
 )
 
@@ -79,12 +80,7 @@ def clip_config_from_open_clip(state_dict: dict, model_cfg: dict | None = None, 
     required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
                 "positional_embedding", "text_projection", "visual.transformer.resblocks.0.mlp.c_fc.weight",
                 "transformer.resblocks.0.mlp.c_fc.weight"]
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise RewardCheckpointError(
-            f"checkpoint {str(path)!r} is not an open_clip ViT CLIP state dict: missing {missing[:4]} "
-            f"(found e.g. {sorted(state_dict)[:4]})"
-        )
+    require_keys(state_dict, required, path=path, what="an open_clip ViT CLIP state dict")
     vision_cfg = (model_cfg or {}).get("vision_cfg", {})
     text_cfg = (model_cfg or {}).get("text_cfg", {})
     quick_gelu = bool((model_cfg or {}).get("quick_gelu", VIT_H_14_HEADS["quick_gelu"]))

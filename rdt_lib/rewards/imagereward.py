@@ -40,6 +40,7 @@ from .weights import (
     hub_snapshot,
     load_checkpoint,
     materialise_position_ids,
+    require_keys,
     strip_prefix,
 )
 
@@ -129,12 +130,7 @@ def blip_configs(state_dict: dict, med_config: dict, *, path: Path):
     need = ["blip.visual_encoder.patch_embed.proj.weight", "blip.visual_encoder.pos_embed",
             "blip.visual_encoder.blocks.0.mlp.fc1.weight", "blip.text_encoder.embeddings.word_embeddings.weight",
             "mlp.layers.0.weight"]
-    missing = [k for k in need if k not in state_dict]
-    if missing:
-        raise RewardCheckpointError(
-            f"checkpoint {str(path)!r} is not an ImageReward state dict: missing {missing[:4]} "
-            f"(found e.g. {sorted(state_dict)[:4]})"
-        )
+    require_keys(state_dict, need, path=path, what="an ImageReward state dict")
     conv = state_dict["blip.visual_encoder.patch_embed.proj.weight"]
     width, patch = conv.shape[0], conv.shape[-1]
     grid = int(round((state_dict["blip.visual_encoder.pos_embed"].shape[1] - 1) ** 0.5))

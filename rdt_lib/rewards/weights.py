@@ -127,6 +127,15 @@ def load_checkpoint(path: Path) -> dict:
         raise RewardCheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
 
 
+def require_keys(state_dict: Mapping, keys: Iterable[str], *, path: Path, what: str) -> None:
+    """Raise :class:`RewardCheckpointError` unless ``state_dict`` has every key in ``keys``."""
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise RewardCheckpointError(
+            f"checkpoint {str(path)!r} is not {what}: missing {missing[:4]} (found e.g. {sorted(state_dict)[:4]})"
+        )
+
+
 def extract_state_dict(obj: object, path: Path, nested_keys: Iterable[str] = ("state_dict", "model")) -> dict:
     """The ``{name: tensor}`` mapping in a loaded checkpoint, looking inside ``state_dict``/``model`` keys."""
     if isinstance(obj, Mapping):
