@@ -85,7 +85,8 @@ def test_preset_values_follow_the_papers():
     assert (i.run.objective, i.objective.num_steps, i.objective.refl_stop_range) == ("imagerefl", 40, [30, 39])
     assert (i.objective.imagerefl_start_step, i.objective.diffusion_loss_weight, i.objective.loss_scale) == (30, 0.01, 0.001)
     assert (i.optim.lr, i.optim.batch_size, i.optim.grad_accum, i.optim.mixed_precision) == (3e-4, 8, 4, "bf16")
-    assert [(r.name, r.scale, r.offset) for r in i.rewards] == [("hpsv2.1", 1.0, 0.0)]
+    # ImageReFL: HPS scale 1 on the raw cosine; rdt's hpsv2.1 score is 100 x cosine, hence 0.01
+    assert [(r.name, r.scale, r.offset) for r in i.rewards] == [("hpsv2.1", 0.01, 0.0)]
 
     r = load_config(["refl_sd15_imagereward"], check_inputs=False)
     assert (r.run.objective, r.objective.num_steps, r.objective.refl_stop_range) == ("refl", 40, [30, 39])

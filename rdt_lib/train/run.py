@@ -185,7 +185,23 @@ def _make_accelerator(config: TrainConfig):
     mp = config.optim.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("optim.mixed_precision = \"fp16\" needs a CUDA GPU; use \"bf16\" or \"no\" on CPU")
+    _forget_previous_single_process_run()
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def _forget_previous_single_process_run() -> None:
+    """accelerate keeps one process-wide state that refuses a second Accelerator with another precision.
+    Several trainings in one process (a ComfyUI session, a notebook, the tests) are normal here, so a
+    single-process run starts from a fresh state; a launched multi-process run is left alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+    except ImportError:  # pragma: no cover
+        return
+    if getattr(AcceleratorState, "_shared_state", None):
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 # ------------------------------------------------------------------------------------------------------------
