@@ -101,29 +101,54 @@ class StableDiffusionBackbone(Backbone):
     ) -> "StableDiffusionBackbone":
         """Load a single-file checkpoint (``.safetensors`` / ``.ckpt`` as in ComfyUI's ``models/checkpoints``).
 
+        The file holds UNet, VAE and text encoder(s) in the original LDM layout (``model.diffusion_model.*``,
+        ``first_stage_model.*``, ``cond_stage_model.*`` or, for SDXL, ``conditioner.embedders.{0,1}.*``).
+
         ``config``: a local diffusers directory of the same architecture (model_index.json, component
-        configs and tokenizers) to take the configs from; without it diffusers fetches them from the hub,
-        which fails on an offline machine.
+        configs and tokenizers; its weights are not needed and not used) to take the configs from; without it
+        diffusers fetches them from the hub, which fails on an offline machine. With a local ``config``
+        nothing is downloaded (``local_files_only=True``). ``kwargs`` go to diffusers' ``from_single_file``.
         """
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         if kind not in ("sd15", "sdxl"):
             raise ValueError(f"kind must be 'sd15' or 'sdxl' for a single-file checkpoint, got {kind!r}")
-        p = Path(path)
+        p = Path(path).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint file {str(p)!r} does not exist")
+        if p.suffix.lower() == ".safetensors":
+            _check_single_file_keys(p, kind)
         pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-        extra = {"safety_checker": None} if kind == "sd15" else {}
+        extra: dict[str, Any] = {"safety_checker": None} if kind == "sd15" else {}
         if config is not None:
-            extra["config"] = str(config)
+            config_dir = Path(config).expanduser()
+            if config_dir.is_dir():
+                _check_single_file_config(config_dir, kind)
+                extra["config"] = str(config_dir)
+                extra["local_files_only"] = True
+            elif Path(config).is_absolute() or str(config).startswith((".", "~")) or str(config).count("/") > 1:
+                raise FileNotFoundError(
+                    f"single-file config directory {str(config)!r} does not exist (give a local diffusers directory "
+                    f"of the {kind} architecture, or a hub id)"
+                )
+            else:
+                extra["config"] = str(config)  # a hub id
+        extra.update(kwargs)
         try:
-            pipe = pipe_cls.from_single_file(str(p), **_dtype_kwarg(dtype), **extra, **kwargs)
+            pipe = pipe_cls.from_single_file(str(p), **_dtype_kwarg(dtype), **extra)
         except Exception as err:  # diffusers raises several error types here
+            if "meta tensor" in str(err):  # weights the file lacks stay uninitialised and cannot be cast/moved
+                raise ValueError(
+                    f"could not load {str(p)!r} as a single-file {kind} checkpoint: the checkpoint lacks weights of "
+                    "a component the config describes (is it complete, and of the config's architecture?)\n"
+                    f"(diffusers: {err})"
+                ) from err
             raise ValueError(
                 f"could not load {str(p)!r} as a single-file {kind} checkpoint: {err}\n"
                 "Offline, pass config=<a local diffusers directory of the same architecture> so the component "
                 "configs and tokenizers need no download."
             ) from err
+        _check_no_missing_weights(pipe, p)
         if device is not None:
             pipe.to(device)
         return cls(pipe)
@@ -206,3 +231,63 @@ def _pipeline_class(kind: str, path_or_id: str | os.PathLike):
 
         return StableDiffusionXLPipeline if "text_encoder_2" in json.loads(index.read_text()) else StableDiffusionPipeline
     return StableDiffusionXLPipeline if "xl" in str(path_or_id).lower() else StableDiffusionPipeline
+
+
+# ---- single-file checks ---------------------------------------------------------------------------------
+_LDM_UNET_PREFIX = "model.diffusion_model."
+_SDXL_MARKER = "conditioner.embedders.1."  # SDXL's second (OpenCLIP) text encoder
+
+
+def _check_single_file_keys(path: Path, kind: str) -> None:
+    """Fail early, with a clear message, on a .safetensors file that is not a full SD checkpoint of ``kind``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception as err:  # not a safetensors file at all (truncated, another format renamed ...)
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {err}") from err
+    if not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
+        sample = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+        raise ValueError(
+            f"{str(path)!r} is not a full Stable Diffusion checkpoint: it has no {_LDM_UNET_PREFIX}* (UNet) weights "
+            f"(its {len(keys)} tensors start with: {sample or 'nothing'}). Single-file loading needs a checkpoint in "
+            "the original LDM layout with UNet, VAE and text encoder(s), like the files in ComfyUI's "
+            "models/checkpoints; LoRA, VAE-only or UNet-only files cannot be loaded this way."
+        )
+    is_sdxl = any(k.startswith(_SDXL_MARKER) for k in keys)
+    if is_sdxl != (kind == "sdxl"):
+        found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
+        raise ValueError(f"{str(path)!r} looks like {found} checkpoint, but kind={kind!r} was given; "
+                         f"use kind={'sdxl' if is_sdxl else 'sd15'!r}")
+
+
+def _check_single_file_config(config_dir: Path, kind: str) -> None:
+    """The config directory must be a diffusers pipeline of the same architecture as ``kind``."""
+    import json
+
+    index = config_dir / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"single-file config directory {str(config_dir)!r} has no model_index.json; give a diffusers-format "
+            f"directory of the {kind} architecture (model_index.json plus the component configs and tokenizers)"
+        )
+    is_sdxl = "text_encoder_2" in json.loads(index.read_text())
+    if is_sdxl != (kind == "sdxl"):
+        found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
+        raise ValueError(f"single-file config directory {str(config_dir)!r} is {found} pipeline, but kind={kind!r}; "
+                         "the config must have the checkpoint's architecture")
+
+
+def _check_no_missing_weights(pipe: Any, path: Path) -> None:
+    """diffusers leaves weights it did not find in the file uninitialised (on the meta device); refuse those."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        missing = [k for k, v in module.state_dict().items() if v.is_meta]
+        if missing:
+            raise ValueError(
+                f"{str(path)!r}: the checkpoint lacks {len(missing)} weight(s) of the {name} "
+                f"(e.g. {', '.join(missing[:3])}); it does not match the config's architecture"
+            )
