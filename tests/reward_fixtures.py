@@ -48,15 +48,10 @@ PROMPTS = ["a photo of a cat", "an apple on a wooden table", "a red car in the r
 
 # ---- tokenizers ------------------------------------------------------------------------------------------------
 def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """The GPT-2 / CLIP byte symbols in byte order (the table lives in ``sd_fixtures``)."""
+    from sd_fixtures import _bytes_to_unicode as byte_table
+
+    return list(byte_table().values())
 
 
 _CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("o", "f</w>"),

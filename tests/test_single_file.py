@@ -295,8 +295,7 @@ def test_train_cli_from_a_single_file(tmp_path, capsys, monkeypatch):
     """``python -m rdt_lib.train`` with model.path = an LDM file trains exactly as from the diffusers dir."""
     from diffusers import StableDiffusionPipeline
 
-    from rdt_lib.train.cli import main
-    from train_fixtures import tiny_overrides, tiny_sd_dir
+    from train_fixtures import run_train_cli, tiny_sd_dir
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir()), safety_checker=None)
     file = save_ldm_checkpoint(pipe, tmp_path / "ckpt" / "tiny.safetensors")
@@ -312,14 +311,7 @@ def test_train_cli_from_a_single_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(StableDiffusionBackbone, "from_single_file", classmethod(spy))
 
     def run(out, **extra):
-        argv = ["--config", "tiny_cpu"]
-        for item in tiny_overrides(out, **{"run.max_steps": 1, "run.objective": "refl", **extra}):
-            argv += ["--set", item]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            code = main(argv)
-        err = capsys.readouterr().err
-        assert code == 0, err
+        run_train_cli(out, capsys, **{"run.max_steps": 1, "run.objective": "refl", **extra})
         return load_file(str(out / "lora.safetensors"))
 
     from_file = run(tmp_path / "out_file", **{"model.path": str(file), "model.single_file_config": str(config_dir)})

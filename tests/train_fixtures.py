@@ -72,6 +72,24 @@ def tiny_overrides(output_dir: Path, **extra) -> list[str]:
     return out
 
 
+def run_train_cli(output_dir: Path, capsys, *sets: str, **extra) -> str:
+    """Run ``python -m rdt_lib.train`` in-process on the ``tiny_cpu`` preset with ``--set`` items ``sets`` (and
+    ``extra`` as key=value overrides); assert it exits 0 and return its stderr."""
+    import warnings
+
+    from rdt_lib.train.cli import main
+
+    argv = ["--config", "tiny_cpu"]
+    for item in tiny_overrides(output_dir, **extra) + list(sets):
+        argv += ["--set", item]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return err
+
+
 def tiny_config(output_dir: Path, **extra):
     from rdt_lib.train.config import load_config
 
