@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
 __all__ = [
     "Schedule",
     "Base",
@@ -274,7 +272,3 @@ def parse_schedule(spec: str | Schedule) -> Schedule:
     name = text.split(":")[0].split("@")[0]
     raise ValueError(f"unknown schedule {name!r} in {spec!r}; accepted: {ACCEPTED_FORMS}")
 
-
-def as_schedules(specs: Sequence[str | Schedule]) -> list[Schedule]:
-    """Parse several specs at once (e.g. a comma-free list from a command line)."""
-    return [parse_schedule(s) for s in specs]
