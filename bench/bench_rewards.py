@@ -79,7 +79,7 @@ def clip_model(arch: dict, vocab_size: int):
 def build(name: str, tiny: bool, tmp: Path):
     """(reward, reference preprocessing kind) with random weights of the real (or tiny) architecture."""
     clip_tok_dir = tmp / "clip-tok"
-    vocab = fx.write_clip_tokenizer(clip_tok_dir)
+    fx.write_clip_tokenizer(clip_tok_dir)
     from transformers import CLIPTokenizer
 
     clip_tok = CLIPTokenizer.from_pretrained(str(clip_tok_dir))

@@ -14,8 +14,8 @@ Run: ``python -m rdt_lib.demo [--out DIR] [--quick]``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic_io import write_bytes_atomic, write_text_atomic
 from .backbones.toy2d import TOY_LORA_TARGETS, GaussianMixture2D, ToyBackbone, ToyDenoiser, train_toy_base
 from .dual import ModelBranch
 from .evaluation.mode_coverage import mode_statistics
@@ -130,8 +131,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     fig_path = out / "tradeoff.png"
     table_path = out / "results.md"
     _write_figure(fig_path, points, results, mixture)
-    _atomic_write(table_path, _markdown_table(results, cfg, first, last, time.perf_counter() - t_start))
-    _atomic_write(out / "results.json", json.dumps({"config": asdict(cfg), "results": results}, indent=2))
+    write_text_atomic(table_path, _markdown_table(results, cfg, first, last, time.perf_counter() - t_start))
+    write_text_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "results": results}, indent=2))
     log(_markdown_table(results, cfg, first, last, time.perf_counter() - t_start, header=False))
     log(f"figure: {fig_path.resolve()}")
     log(f"table:  {table_path.resolve()}")
@@ -197,16 +198,10 @@ def _write_figure(path: Path, points: dict, results: list, mixture: GaussianMixt
     ax.set_title("reward vs diversity (marker size: off-distribution share)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,13 +31,14 @@ import difflib
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+
+from .atomic_io import write_bytes_atomic
 
 __all__ = [
     "KOHYA_UNET_PREFIX",
@@ -493,19 +494,6 @@ def kohya_metadata(*, rank: int, alpha: float, base_model_version: str = "sd_v1"
     return meta
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_lora_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                           metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``tensors`` (+ string ``metadata``) to a safetensors file atomically.
@@ -523,25 +511,9 @@ def save_lora_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, to
     for key, value in meta.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must map str to str; entry {key!r}: {type(value).__name__} {value!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage; LoRA files are small
     data = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata=meta or None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_bytes_atomic(path, data)
 
 
 def load_lora_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

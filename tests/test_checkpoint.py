@@ -136,7 +136,7 @@ def test_crash_before_pointer_update_keeps_committed_checkpoint(tmp_path, monkey
     def die(path, text):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_replace_atomically", die)
+    monkeypatch.setattr(ckpt, "write_text_atomic", die)
     with pytest.raises(KeyboardInterrupt):
         m.save(2, _state(2.0))
     monkeypatch.undo()

@@ -3,12 +3,9 @@ independent computation (diffusers' own scheduler step, hand-written loops)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from rdt_lib.dual import GuidedModel, ModelBranch
 from rdt_lib.objectives import (
     Batch,
     DraftK,
@@ -21,7 +18,7 @@ from rdt_lib.objectives import (
     predict_x0,
     random_eta,
 )
-from rdt_lib.sampling import initial_noise, make_scheduler
+from rdt_lib.sampling import make_scheduler
 from rdt_lib.train.data import ImageCaptionFolder
 from rdt_lib.train.trainer import RewardTrainer, TrainerSettings
 from train_fixtures import PROMPTS, tiny_backbone, tiny_reward, write_image_folder

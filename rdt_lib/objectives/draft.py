@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..backbones.base import Backbone
 from ..sampling import denoise, initial_noise
 from .base import Batch, ObjectiveOutput, RewardFn

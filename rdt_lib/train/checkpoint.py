@@ -46,6 +46,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ..atomic_io import fsync_dir, write_text_atomic
+
 __all__ = [
     "CheckpointManager",
     "CheckpointError",
@@ -69,18 +71,6 @@ class CheckpointError(RuntimeError):
 # low-level durable writes
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or (where the OS allows it) a directory."""
-    flags = os.O_RDONLY
-    if path.is_dir() and os.name == "nt":  # pragma: no cover - Windows cannot open directories
-        return
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
@@ -101,17 +91,6 @@ def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     # clone: safetensors refuses tensors that share storage (tied or sliced weights)
     data = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
     _write_bytes(path, data)
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        _write_bytes(tmp, text.encode("utf-8"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
 
 
 def _remove_tree(path: Path) -> None:
@@ -384,7 +363,7 @@ class CheckpointManager:
             meta = {**user_meta, "format": FORMAT_VERSION, "step": int(step), "serial": serial,
                     "created": time.time(), "files": files}
             _write_bytes(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
-            _fsync_path(tmp)
+            fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
                 replaced = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
                 os.rename(final, replaced)
@@ -396,11 +375,11 @@ class CheckpointManager:
                 shutil.rmtree(replaced, ignore_errors=True)
             else:
                 os.rename(tmp, final)
-            _fsync_path(self.output_dir)
+            fsync_dir(self.output_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _replace_atomically(self.output_dir / LATEST_FILE, final.name + "\n")
+        write_text_atomic(self.output_dir / LATEST_FILE, final.name + "\n")
         self._rotate(final)
         return final
 

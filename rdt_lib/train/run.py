@@ -17,7 +17,6 @@ main process writes files; checkpoint saves follow the collective-free protocol 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -30,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..atomic_io import write_text_atomic
 from ..lora import add_lora
 from ..lora_io import kohya_metadata, save_lora_safetensors, unet_lora_to_kohya
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -309,13 +309,6 @@ def export_lora(trainer: RewardTrainer, config: TrainConfig, backbone, path: Pat
     return save_lora_safetensors(path, tensors, meta)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def train_from_config(
     config: TrainConfig,
     *,
@@ -482,7 +475,7 @@ def train_from_config(
     config_path = out_dir / f"{config.run.output_name}.toml"
     if main:
         export_lora(trainer, config, backbone, lora_path)
-        _atomic_text(config_path, config_text)
+        write_text_atomic(config_path, config_text)
         say(f"LoRA written: {lora_path}\nconfig: {config_path}")
     acc.wait_for_everyone()
     return TrainResult(lora_path, config_path, trainer.step_count, history, False, last_ckpt)
