@@ -166,11 +166,9 @@ class StableDiffusionBackbone(Backbone):
             if not self.is_sdxl:
                 embeds, _ = self.pipe.encode_prompt(prompts, device, 1, False)
                 return Conditioning({"encoder_hidden_states": embeds.to(self.dtype)}, len(prompts))
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
             if negative and self.zero_empty_negative and all(p == "" for p in prompts):
-                embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
                 embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-            else:
-                embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
         return Conditioning(
             {"encoder_hidden_states": embeds.to(self.dtype), "text_embeds": pooled.to(self.dtype)}, len(prompts)
         )
