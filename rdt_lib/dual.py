@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .backbones.base import Backbone, Conditioning
-from .schedules import Base, Schedule, parse_schedule
+from .schedules import Schedule, parse_schedule
 
 __all__ = ["ModelBranch", "GuidedModel", "DualModelDenoiser"]
 
@@ -123,7 +123,7 @@ class DualModelDenoiser:
         self.schedule = parse_schedule(schedule)
         self.batched = batched
         self.evaluations = {"base": 0, "tuned": 0, "joint": 0}
-        if tuned is None and not isinstance(self.schedule, Base):
+        if tuned is None and self.schedule.needs_tuned:
             raise ValueError(f"schedule {self.schedule} needs a tuned model; only 'base' runs without one")
 
     def weight(self, step: int, num_steps: int) -> float:

@@ -27,8 +27,8 @@ import math
 from dataclasses import dataclass
 __all__ = [
     "Schedule",
-    "Base",
-    "Tuned",
+    "BaseOnly",
+    "TunedOnly",
     "SwitchAtStep",
     "SwitchAtFraction",
     "Power",
@@ -70,13 +70,22 @@ class Schedule:
         """The weights of every step of an ``num_steps``-step run."""
         return [self.weight(i, num_steps) for i in range(num_steps)]
 
+    @property
+    def needs_tuned(self) -> bool:
+        """Whether any step can give the tuned model a weight above 0 (only ``base`` never does)."""
+        return True
+
     def _weight(self, step: int, num_steps: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Base(Schedule):
+class BaseOnly(Schedule):
     """Base model only (w = 0)."""
+
+    @property
+    def needs_tuned(self) -> bool:
+        return False
 
     def _weight(self, step: int, num_steps: int) -> float:
         return 0.0
@@ -86,7 +95,7 @@ class Base(Schedule):
 
 
 @dataclass(frozen=True)
-class Tuned(Schedule):
+class TunedOnly(Schedule):
     """Tuned model only (w = 1)."""
 
     def _weight(self, step: int, num_steps: int) -> float:
@@ -227,9 +236,9 @@ def parse_schedule(spec: str | Schedule) -> Schedule:
         raise ValueError(f"a schedule spec must be a string, got {type(spec).__name__}; accepted: {ACCEPTED_FORMS}")
     text = spec.strip().lower()
     if text == "base":
-        return Base()
+        return BaseOnly()
     if text == "tuned":
-        return Tuned()
+        return TunedOnly()
     if text == "linear":
         return Linear()
     if text == "cosine":

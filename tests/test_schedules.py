@@ -5,14 +5,14 @@ import math
 import pytest
 
 from rdt_lib.schedules import (
-    Base,
+    BaseOnly,
     Cosine,
     Keyframes,
     Linear,
     Power,
     SwitchAtFraction,
     SwitchAtStep,
-    Tuned,
+    TunedOnly,
     parse_schedule,
 )
 
@@ -79,7 +79,7 @@ def test_objects_and_specs_agree():
     assert parse_schedule("power:3") == Power(3.0)
     assert parse_schedule("linear") == Linear()
     assert parse_schedule("cosine") == Cosine()
-    assert parse_schedule("base") == Base() and parse_schedule("tuned") == Tuned()
+    assert parse_schedule("base") == BaseOnly() and parse_schedule("tuned") == TunedOnly()
     assert parse_schedule("keyframes:0=0,1=1") == Keyframes(((0.0, 0.0), (1.0, 1.0)))
     assert parse_schedule(" Power:2 ") == Power(2.0)  # case and whitespace tolerant
     s = Power(2.0)
