@@ -310,6 +310,83 @@ def test_full_size_unet_names_are_mapped_by_comfyui(arch):
     assert sorted(names - comfy) == []
 
 
+_COMFY_SCRIPT = r'''
+import json, logging, sys
+comfy_dir, work = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_dir)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+from safetensors.torch import load_file, save_file
+import comfy.lora, comfy.model_detection
+
+not_loaded = []
+class Catch(logging.Handler):
+    def emit(self, record):
+        msg = record.getMessage()
+        if "lora key not loaded" in msg:
+            not_loaded.append(msg)
+logging.getLogger().addHandler(Catch())
+
+base = load_file(work + "/base.safetensors")  # diffusion_model.<LDM key>, as ComfyUI's model.state_dict()
+lora = load_file(work + "/lora.safetensors")
+unet_config = comfy.model_detection.detect_unet_config(base, "diffusion_model.")
+
+class ModelConfig:
+    pass
+
+class Model:  # what model_lora_keys_unet reads of a BaseModel: state_dict() and model_config.unet_config
+    model_config = ModelConfig()
+    def state_dict(self):
+        return base
+
+Model.model_config.unet_config = unet_config
+key_map = comfy.lora.model_lora_keys_unet(Model(), {})
+patches = comfy.lora.load_lora(lora, key_map)
+patched = {k: comfy.lora.calculate_weight([(1.0, p, 1.0, None, None)], base[k].clone().float(), k)
+           for k, p in patches.items()}
+save_file(patched, work + "/patched.safetensors")
+json.dump({"not_loaded": not_loaded, "unet_config": {k: v for k, v in unet_config.items() if "depth" in k or
+           k in ("num_res_blocks", "channel_mult")}}, open(work + "/result.json", "w"))
+'''
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize(**SDXL_IDS)
+def test_real_comfyui_applies_every_written_key_with_the_adapters_effect(tmp_path, sdxl):
+    """ComfyUI's own LoRA code (key map, loader, weight patching) on the written file, in ComfyUI's Python."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    comfy_dir, comfy_python = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_PYTHON")
+    if not comfy_dir or not comfy_python:
+        pytest.skip("needs a ComfyUI tree: source /work/comfy_host.env (COMFYUI_DIR, COMFYUI_PYTHON)")
+    targets = _all_lora_modules(make_tiny_unet(sdxl=sdxl))
+    unet = _lora_unet(sdxl, target_modules=targets, **PATTERNS)
+    save_lora(unet, tmp_path / "lora.safetensors", ADAPTER)
+    fresh = make_tiny_unet(sdxl=sdxl)
+    save_file({"diffusion_model." + k: v.contiguous() for k, v in unet_to_ldm(fresh.state_dict(), fresh.config).items()},
+              str(tmp_path / "base.safetensors"))
+    (tmp_path / "comfy_lora_check.py").write_text(_COMFY_SCRIPT)
+    run = subprocess.run([comfy_python, str(tmp_path / "comfy_lora_check.py"), comfy_dir, str(tmp_path)],
+                         cwd=comfy_dir, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["not_loaded"] == []
+    ours = _comfy_unet_config(unet.config)
+    assert {k: result["unet_config"][k] for k in ours if k != "channel_mult"} == \
+        {k: v for k, v in ours.items() if k != "channel_mult"}
+    patched = load_file(str(tmp_path / "patched.safetensors"))
+    layers = dict(unet.named_modules())
+    expected = {f"{m}.weight": layers[m].base_layer.weight + layers[m].get_delta_weight(ADAPTER) for m in targets}
+    expected = {"diffusion_model." + k: v for k, v in unet_to_ldm(expected, unet.config).items()}
+    assert set(patched) == set(expected) and len(patched) == len(targets)
+    for key, weight in expected.items():
+        torch.testing.assert_close(patched[key], weight.detach(), atol=1e-5, rtol=0, msg=key)
+
+
 # --------------------------------------------------------------------------------------------------
 # reading
 
