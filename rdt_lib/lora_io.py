@@ -475,7 +475,8 @@ def load_lora(
                 "pass the pipeline or backbone to load them too, or text_encoders=False to load the UNet part only"
             )
         skipped = te_keys
-        tensors = {k: v for k, v in tensors.items() if k not in set(te_keys)}
+        drop = set(te_keys)
+        tensors = {k: v for k, v in tensors.items() if k not in drop}
 
     mixin = StableDiffusionXLLoraLoaderMixin if detect_sd_kind(unet) == "sdxl" else StableDiffusionLoraLoaderMixin
     try:  # (diffusers pops from the dict it is given)
