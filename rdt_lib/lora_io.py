@@ -503,6 +503,9 @@ def load_lora(
             lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
             raise ValueError(f"the LoRA does not fit this {detect_sd_kind(unet)} model, its weights have other shapes "
                              f"(is it for another architecture?): {lines[0]}. Nothing was loaded.") from err
+        if "not found in the base model" in str(err):
+            raise ValueError(f"no LoRA weight matches a module of this {detect_sd_kind(unet)} model (keys such as "
+                             f"{sorted(tensors)[:2]}); is it for another architecture? Nothing was loaded.") from err
         raise
     loaded = {name: _adapter_modules(module, adapter_name) for name, module in components.items()}
     short = {name: (loaded[name], n) for name, n in expected.items() if loaded[name] != n}

@@ -614,6 +614,10 @@ def test_load_errors_are_clear_and_leave_the_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match="does not fit this sd15 model.*size mismatch.*Nothing was loaded"):
         load_lora(unet, tmp_path / "xl.safetensors", "xl")
     assert not any("lora_" in n for n, _ in unet.named_modules())
+    nowhere = {k.replace("lora_unet_", "lora_unet_x"): v for k, v in good.items()}
+    with pytest.raises(ValueError, match="no LoRA weight matches a module of this sd15 model"):
+        load_lora(unet, nowhere, "nowhere")
+    assert not any("lora_" in n for n, _ in unet.named_modules())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_lora(unet, tmp_path / "missing.safetensors")
     with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
