@@ -383,6 +383,17 @@ def _lora_modules_in(state_dict: Mapping[str, Any], component: str) -> int:
     return sum(k.startswith(component + ".") and k.endswith(downs) for k in state_dict)
 
 
+def _unet_modules_missed(state_dict: Mapping[str, torch.Tensor], unet: torch.nn.Module, adapter_name: str) -> list[str]:
+    """UNet module paths (as diffusers converted the keys) that did not get the adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.tuners.lora import LoraLayer
+
+    part = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    wanted = {k.split(".lora_A")[0] for k in convert_unet_state_dict_to_peft(part) if ".lora_A" in k}
+    got = {n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+    return sorted(wanted - got)
+
+
 def _delete_adapter(components: Mapping[str, torch.nn.Module], adapter_name: str) -> None:
     """Remove a half-loaded adapter so that a failed load leaves the model as it was.
 
@@ -510,10 +521,12 @@ def load_lora(
     loaded = {name: _adapter_modules(module, adapter_name) for name, module in components.items()}
     short = {name: (loaded[name], n) for name, n in expected.items() if loaded[name] != n}
     if short:
+        missed = _unet_modules_missed(state_dict, unet, adapter_name) if "unet" in short else []
         _delete_adapter(components, adapter_name)
         detail = ", ".join(f"{name}: {got} of {want}" for name, (got, want) in short.items())
-        raise ValueError(f"LoRA weights did not all reach a module ({detail} LoRA'd modules); the file is for another "
-                         f"architecture or layout (keys such as {sorted(tensors)[:2]}). Nothing was loaded.")
+        raise ValueError(f"LoRA weights did not all reach a module ({detail} LoRA'd modules; no UNet module "
+                         f"{missed[:5]}); the file is for another architecture or a layout diffusers does not "
+                         f"convert (keys such as {sorted(tensors)[:2]}). Nothing was loaded.")
     return LoadedLora(adapter_name, {k: v for k, v in loaded.items() if v}, file_format, skipped)
 
 

@@ -604,7 +604,8 @@ def test_load_errors_are_clear_and_leave_the_model_unchanged(tmp_path):
     good = _kohya_file(_known_kohya_delta(unet))
     typo = {k.replace("attn1_to_q", "attn1_toq"): v for k, v in good.items()}
     save_file(typo, str(tmp_path / "typo.safetensors"))
-    with pytest.raises(ValueError, match="did not all reach a module.*Nothing was loaded"):
+    with pytest.raises(ValueError, match=r"did not all reach a module.*no UNet module \['down_blocks.0.attentions.0."
+                                         r"transformer_blocks.0.attn1.toq'.*Nothing was loaded"):
         load_lora(unet, tmp_path / "typo.safetensors", "typo")
     assert not any("lora_" in n for n, _ in unet.named_modules())
     torch.testing.assert_close(_out(unet, False), base, atol=0, rtol=0)
