@@ -103,6 +103,10 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.network.parameters()).dtype
 
+    def empty_conditioning(self, batch_size: int) -> Conditioning:
+        """The unconditional ("") conditioning for classifier-free guidance."""
+        return self.encode_prompts([""] * batch_size, negative=True)
+
     def predict(
         self,
         x: torch.Tensor,
