@@ -1,40 +1,38 @@
-"""LoRA weights: conversion between peft and kohya key styles, loading into a UNet, atomic safetensors I/O.
+"""LoRA files: writing a peft adapter as a kohya file, reading any SD LoRA file through diffusers, safetensors I/O.
 
-Key styles for one LoRA'd layer, e.g. the UNet module ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``:
+Writing (:func:`unet_lora_to_kohya`, :func:`save_lora`): peft's ``get_peft_model_state_dict`` converted with
+diffusers' ``convert_state_dict_to_kohya``; for the UNet module ``down_blocks.0.attentions.0.transformer_blocks.0.
+attn1.to_q`` the file holds::
 
-- peft (what ``peft.get_peft_model_state_dict(unet, adapter_name=...)`` returns)::
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight   # = lora_A [r, in]
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight     # = lora_B [out, r]
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha              # float32 scalar
 
-      down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight   # [r, in]
-      down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight   # [out, r]
+(``lora_unet_`` + the diffusers module path with dots as underscores: a name ComfyUI's LoraLoader maps through
+``comfy.utils.unet_to_diffusers``, and A1111-style tools and diffusers read). kohya's scale is ``alpha / rank``;
+diffusers' converter writes ``alpha = rank`` (scale 1), so the alpha is set here from each peft layer's own scale
+(``lora_alpha / r``, rsLoRA ``lora_alpha / sqrt(r)``, rank / alpha patterns). One alpha is stored for every module
+and a module's different scale is folded into its ``lora_up``: diffusers' kohya loader applies a single alpha to
+all modules (its per-module alphas are keyed under names that match no peft module), while ComfyUI and A1111
+read each module's alpha, so a uniform alpha gives the same ``up @ down * alpha / rank`` in all of them.
 
-  The adapter's scale is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA), per module when the
-  ``LoraConfig`` has ``rank_pattern`` / ``alpha_pattern``.
-
-- kohya (what ComfyUI's LoraLoader, diffusers' ``load_lora_weights`` and A1111-style tools read)::
-
-      lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight   # = lora_A
-      lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight     # = lora_B
-      lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha              # scalar
-
-  i.e. ``lora_unet_`` + the diffusers module path with dots replaced by underscores. The scale is
-  ``alpha / rank`` with ``rank = lora_down.shape[0]``. Conversions here keep ``up @ down * scale`` identical,
-  so the stored ``alpha`` is ``peft_scale * rank`` (= ``lora_alpha`` for plain LoRA).
-
-Only UNet LoRAs in the diffusers module layout are handled (no text-encoder ``lora_te_`` keys, no LDM-layout
-``lora_unet_input_blocks_...`` names, no DoRA / LoCon extras); anything else is rejected with an error that
-names the offending keys.
+Reading (:func:`load_lora`): diffusers' ``lora_state_dict`` (kohya files with diffusers-style ``lora_unet_down_
+blocks_...`` or LDM-style ``lora_unet_input_blocks_...`` keys, text-encoder ``lora_te_`` / ``lora_te1_`` /
+``lora_te2_`` keys, diffusers / PEFT files) and its ``load_lora_into_unet`` / ``load_lora_into_text_encoder``,
+which add a peft adapter of the given name. Before that, kohya alphas are made uniform the same way (for files
+from other tools), PEFT keys get the component prefix diffusers expects, and afterwards every weight is checked
+to have reached a module.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
+import json
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -43,29 +41,28 @@ from .atomic_io import write_bytes_atomic
 __all__ = [
     "KOHYA_UNET_PREFIX",
     "DEFAULT_TARGET_MODULES",
-    "PeftLoraLayout",
+    "LoadedLora",
     "kohya_module_name",
-    "peft_state_dict_to_kohya",
+    "peft_to_kohya",
     "unet_lora_to_kohya",
-    "kohya_to_peft_state_dict",
-    "load_kohya_lora_into_unet",
+    "save_lora",
+    "load_lora",
+    "read_lora",
     "kohya_metadata",
     "save_lora_safetensors",
     "load_lora_safetensors",
 ]
 
 KOHYA_UNET_PREFIX = "lora_unet_"
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # "<module>.lora_A.weight" or "<module>.lora_A.<adapter>.weight" (adapter names without dots).
 _PEFT_KEY = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PEFT_PREFIXES = ("base_model.model.", "unet.")
-_KOHYA_KEY = re.compile(r"^(?P<name>lora_unet_[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
-_LDM_BLOCK_NAMES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-
-
-# --------------------------------------------------------------------------------------------------
-# naming helpers
+_KOHYA_KEY = re.compile(r"^(?P<name>[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 def kohya_module_name(module_path: str) -> str:
@@ -73,49 +70,18 @@ def kohya_module_name(module_path: str) -> str:
     return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
 
 
-def _strip_peft_prefix(key: str) -> str:
-    for prefix in _PEFT_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
-def _match_pattern(patterns: Mapping[str, Any] | None, module_path: str) -> str | None:
-    """peft's pattern semantics: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module_path)``."""
-    for key in patterns or {}:
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return key
-    return None
-
-
-def _kohya_alpha(module_path: str, actual_rank: int, *, alpha: float, rank: int,
-                 alpha_pattern: Mapping[str, float] | None, rank_pattern: Mapping[str, int] | None,
-                 use_rslora: bool) -> float:
-    """kohya alpha (= peft scale * actual rank) of ``module_path`` under a LoraConfig with these fields."""
-    rk = _match_pattern(rank_pattern, module_path)
-    r = int(rank_pattern[rk]) if rk is not None else int(rank)
-    if actual_rank != r:
-        raise ValueError(
-            f"module {module_path!r}: lora_A has rank {actual_rank} but the configuration gives rank {r}"
-            f" (rank={rank}, rank_pattern={dict(rank_pattern or {})})"
-        )
-    ak = _match_pattern(alpha_pattern, module_path)
-    a = float(alpha_pattern[ak]) if ak is not None else float(alpha)
-    # peft scale a / r (rsLoRA: a / sqrt(r)); kohya alpha = scale * r, written to stay exact when possible.
-    return a * math.sqrt(r) if use_rslora else a
-
-
 # --------------------------------------------------------------------------------------------------
-# peft -> kohya
+# writing: peft -> kohya
 
 
-def _group_peft_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """module path -> {"A": tensor, "B": tensor}; rejects anything that is not a LoRA A/B weight."""
+def _peft_modules(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """UNet module path -> {"A": lora_A, "B": lora_B}; anything but LoRA A/B weights is refused."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     bad: list[str] = []
     adapters: set[str] = set()
     for key, value in state_dict.items():
-        m = _PEFT_KEY.match(_strip_peft_prefix(key))
+        plain = next((key[len(p):] for p in _PEFT_PREFIXES if key.startswith(p)), key)
+        m = _PEFT_KEY.match(plain)
         if m is None:
             bad.append(key)
             continue
@@ -128,8 +94,7 @@ def _group_peft_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     if bad:
         raise ValueError(
             f"{len(bad)} key(s) are not peft LoRA weights '<module>.lora_A.weight' / '<module>.lora_B.weight' "
-            f"(DoRA magnitudes, biases, embeddings and modules_to_save cannot be stored in kohya format): "
-            f"{bad[:8]}"
+            f"(DoRA magnitudes, biases, embeddings and modules_to_save cannot be stored in kohya format): {bad[:8]}"
         )
     if len(adapters) > 1:
         raise ValueError(f"state dict mixes several adapters {sorted(adapters)}; pass one adapter's weights")
@@ -137,91 +102,82 @@ def _group_peft_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
         missing = {"A", "B"} - set(slot)
         if missing:
             raise ValueError(f"module {module!r} has no lora_{'/'.join(sorted(missing))} weight")
+        down, up = slot["A"], slot["B"]
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+            raise ValueError(f"module {module!r}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} are not a "
+                             "Linear / Conv2d LoRA pair of one rank")
+    if not groups:
+        raise ValueError("no LoRA weights to write (empty state dict)")
     return groups
 
 
-def _check_pair(module: str, down: torch.Tensor, up: torch.Tensor) -> int:
-    if down.ndim not in (2, 4) or up.ndim != down.ndim:
-        raise ValueError(
-            f"module {module!r}: expected 2-D (Linear) or 4-D (Conv2d) LoRA weights, got down {tuple(down.shape)} "
-            f"and up {tuple(up.shape)}"
-        )
-    rank = down.shape[0]
-    if up.shape[1] != rank:
-        raise ValueError(
-            f"module {module!r}: rank mismatch, lora_down/lora_A has {rank} rows but lora_up/lora_B has "
-            f"{up.shape[1]} columns"
-        )
-    return int(rank)
-
-
-def _to_kohya(groups: Mapping[str, Mapping[str, torch.Tensor]], alphas: Mapping[str, float],
-              dtype: torch.dtype | None, uniform_alpha: bool) -> dict[str, torch.Tensor]:
-    """Build kohya tensors from grouped A/B weights and each module's kohya alpha (scale * rank)."""
-    common = Counter(alphas.values()).most_common(1)[0][0] if alphas else 1.0
-    out: dict[str, torch.Tensor] = {}
-    for module in sorted(groups):
-        down, up = groups[module]["A"], groups[module]["B"]
-        _check_pair(module, down, up)
-        alpha = float(alphas[module])
-        cast = dtype or down.dtype
-        up = up.detach()
-        if uniform_alpha and alpha != common:
-            # Fold the ratio into lora_up so that every module carries the same alpha: up * alpha / rank ==
-            # (up * alpha / common) * common / rank. Loaders that apply one alpha to all modules then agree.
-            up = (up.to(torch.float64) * (alpha / common)).to(up.dtype)
-            alpha = common
-        name = kohya_module_name(module)
-        out[f"{name}.lora_down.weight"] = down.detach().to("cpu", cast).contiguous().clone()
-        out[f"{name}.lora_up.weight"] = up.to("cpu", cast).contiguous().clone()
-        # alpha is kept in float32 whatever the weight dtype: alpha / rank must stay exact.
-        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    return out
-
-
-def peft_state_dict_to_kohya(
+def peft_to_kohya(
     state_dict: Mapping[str, torch.Tensor],
+    scales: Mapping[str, float] | float,
     *,
-    alpha: float,
-    rank: int,
-    alpha_pattern: Mapping[str, float] | None = None,
-    rank_pattern: Mapping[str, int] | None = None,
-    use_rslora: bool = False,
     dtype: torch.dtype | None = None,
     uniform_alpha: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Convert a peft LoRA state dict of a diffusers UNet to kohya keys.
+    """Convert a peft LoRA state dict of a diffusers UNet to kohya tensors with diffusers' converter.
 
     Args:
-        state_dict: ``get_peft_model_state_dict(unet, adapter_name=...)`` output; keys
-            ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``. Keys carrying the adapter name
-            (``...lora_A.<adapter>.weight``, as in ``unet.state_dict()``) and a leading ``unet.`` or
-            ``base_model.model.`` are accepted too.
-        alpha, rank: the LoraConfig's ``lora_alpha`` and ``r`` (scale = alpha / rank).
-        alpha_pattern, rank_pattern: the LoraConfig's per-module overrides (peft's regex-suffix semantics).
-        use_rslora: the LoraConfig's ``use_rslora`` (scale = alpha / sqrt(rank)).
-        dtype: cast the up/down weights (e.g. ``torch.float16``); None keeps their dtype. ``.alpha`` is float32.
-        uniform_alpha: when modules end up with different kohya alphas (alpha_pattern, or rsLoRA with a
-            rank_pattern), store the most common alpha everywhere and fold the ratio into ``lora_up``. The
-            product ``up @ down * alpha / rank`` is unchanged. Needed for diffusers 0.42, whose kohya loader
-            applies a single ``lora_alpha`` to every module (per-module alphas are keyed under names that
-            match no module). False stores each module's own alpha.
+        state_dict: ``get_peft_model_state_dict(unet, adapter_name=...)`` output (``<module>.lora_A.weight`` /
+            ``.lora_B.weight``); keys carrying the adapter name (``...lora_A.<adapter>.weight``) or a leading
+            ``unet.`` / ``base_model.model.`` are accepted too.
+        scales: each module's peft scale (``up @ down`` is multiplied by it), by module path, or one for all.
+        dtype: cast of the up/down weights (e.g. ``torch.float16``); None keeps theirs. ``.alpha`` is float32.
+        uniform_alpha: store one alpha (the most common ``scale * rank``) for every module and fold each module's
+            ratio into its ``lora_up`` (the product ``up @ down * alpha / rank`` is unchanged); needed for
+            diffusers' loader, see the module docstring. False stores each module's own alpha.
 
     Returns:
-        ``{lora_unet_<path>.lora_down.weight, ...lora_up.weight, ...alpha}`` (CPU, contiguous, new tensors)
-        with kohya's ``alpha / rank`` equal to peft's scale for every module.
+        ``{lora_unet_<path>.lora_down.weight, ...lora_up.weight, ...alpha}`` (CPU, contiguous, new tensors).
 
     Raises:
-        ValueError: a key is not a LoRA A/B weight, A or B is missing, shapes are inconsistent, or a module's
-            actual rank differs from the configured one.
+        ValueError: keys that are not LoRA A/B weights, a missing A or B, inconsistent shapes, a module without
+            a scale.
     """
-    groups = _group_peft_state_dict(state_dict)
-    alphas = {
-        module: _kohya_alpha(module, int(slot["A"].shape[0]), alpha=alpha, rank=rank, alpha_pattern=alpha_pattern,
-                             rank_pattern=rank_pattern, use_rslora=use_rslora)
-        for module, slot in groups.items()
-    }
-    return _to_kohya(groups, alphas, dtype, uniform_alpha)
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    groups = _peft_modules(state_dict)
+    alphas: dict[str, float] = {}
+    for module, slot in groups.items():
+        scale = scales if isinstance(scales, (int, float)) else scales.get(module)
+        if scale is None:
+            raise ValueError(f"no LoRA scale given for module {module!r}")
+        alphas[module] = float(scale) * int(slot["A"].shape[0])
+    common = Counter(alphas.values()).most_common(1)[0][0]
+    peft_sd: dict[str, torch.Tensor] = {}
+    for module, slot in groups.items():
+        up = slot["B"].detach()
+        if uniform_alpha and alphas[module] != common:
+            up = (up.to(torch.float64) * (alphas[module] / common)).to(up.dtype)
+        cast = dtype or slot["A"].dtype
+        peft_sd[f"unet.{module}.lora_A.weight"] = slot["A"].detach().to("cpu", cast).contiguous().clone()
+        peft_sd[f"unet.{module}.lora_B.weight"] = up.to("cpu", cast).contiguous().clone()
+    kohya = convert_state_dict_to_kohya(peft_sd)
+    for module in groups:  # diffusers writes alpha = rank (scale 1); store the scale's alpha in float32
+        key = kohya_module_name(module) + ".alpha"
+        if key not in kohya:
+            raise RuntimeError(f"diffusers' kohya conversion named module {module!r} unexpectedly (no {key!r})")
+        kohya[key] = torch.tensor(common if uniform_alpha else alphas[module], dtype=torch.float32)
+    return kohya
+
+
+def _layer_scales(network: torch.nn.Module, adapter_name: str, modules: Mapping[str, Any]) -> dict[str, float]:
+    """peft scale of ``adapter_name`` in each of ``modules``, read from the LoRA layers themselves."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = dict(network.named_modules())
+    scales: dict[str, float] = {}
+    for module in modules:
+        layer = layers.get(module, layers.get("base_model.model." + module))
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.scaling:
+            raise ValueError(f"module {module!r} of the state dict has no LoRA adapter {adapter_name!r} on the model")
+        r, lora_alpha, scale = int(layer.r[adapter_name]), float(layer.lora_alpha[adapter_name]), float(layer.scaling[adapter_name])
+        # lora_alpha / r when that is the scale, so that alpha = scale * rank is lora_alpha exactly
+        scales[module] = lora_alpha / r if scale == lora_alpha / r else scale
+    return scales
 
 
 def unet_lora_to_kohya(
@@ -232,242 +188,346 @@ def unet_lora_to_kohya(
     dtype: torch.dtype | None = None,
     uniform_alpha: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Kohya tensors of one peft adapter on ``unet``, each module's scale read from the layer itself.
+    """Kohya tensors of one peft adapter on ``unet``, each module's scale read from its LoRA layer.
 
-    Reading ``layer.scaling[adapter_name]`` covers rank/alpha patterns and rsLoRA without re-deriving them
-    (note: a scale changed with ``unet.set_adapters(..., weights)`` / ``scale_layer`` is exported too).
+    Reading ``layer.scaling[adapter_name]`` covers rank / alpha patterns and rsLoRA (a scale changed with
+    ``set_adapters(..., weights)`` / ``scale_layer`` is exported too).
 
     Args:
-        unet: a module carrying the adapter (``unet.add_adapter(...)`` or a PeftModel).
+        unet: a module carrying the adapter (``add_lora`` / ``unet.add_adapter`` / a PeftModel).
         adapter_name: the adapter to export.
-        state_dict: weights to export in place of the adapter's current ones, same keys as
-            ``get_peft_model_state_dict(unet, adapter_name=adapter_name)`` (e.g. EMA weights).
-        dtype: optional cast of the up/down weights.
-        uniform_alpha: see :func:`peft_state_dict_to_kohya`.
+        state_dict: weights to export in place of the adapter's current ones (e.g. EMA weights), keys as
+            ``get_peft_model_state_dict`` gives them or as parameter names (``...lora_A.<adapter>.weight``).
+        dtype, uniform_alpha: see :func:`peft_to_kohya`.
     """
     from peft import get_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
 
     if state_dict is None:
         state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    groups = _group_peft_state_dict(state_dict)
-    alphas: dict[str, float] = {}
-    modules = dict(unet.named_modules())
-    for module, slot in groups.items():
-        layer = modules.get(module)
-        if layer is None:
-            layer = modules.get("base_model.model." + module)
-        if not isinstance(layer, LoraLayer) or adapter_name not in layer.scaling:
-            raise ValueError(f"module {module!r} of the state dict has no LoRA adapter {adapter_name!r} on the model")
-        actual_rank = int(slot["A"].shape[0])
-        scale = float(layer.scaling[adapter_name])
-        lora_alpha = float(layer.lora_alpha[adapter_name])
-        r = int(layer.r[adapter_name])
-        if r == actual_rank and scale == lora_alpha / r:
-            alphas[module] = lora_alpha  # exact, no round trip through the division
-        else:
-            alphas[module] = scale * actual_rank
-    return _to_kohya(groups, alphas, dtype, uniform_alpha)
+    groups = _peft_modules(state_dict)
+    return peft_to_kohya(state_dict, _layer_scales(unet, adapter_name, groups), dtype=dtype,
+                         uniform_alpha=uniform_alpha)
+
+
+def save_lora(
+    network: torch.nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    base_model_version: str = "sd_v1",
+) -> Path:
+    """Write the UNet adapter ``adapter_name`` of ``network`` as a kohya ``.safetensors`` file (atomically).
+
+    Args:
+        network: the diffusers UNet carrying the adapter (a backbone's ``network``).
+        path: the file to write; its folder is created.
+        state_dict, dtype: see :func:`unet_lora_to_kohya`.
+        metadata: extra metadata entries (values become strings), added to the kohya ``ss_*`` fields.
+        base_model_version: kohya's ``ss_base_model_version`` (``"sd_v1"``, ``"sdxl_base_v1-0"``).
+
+    Returns:
+        The path written.
+    """
+    tensors = unet_lora_to_kohya(network, adapter_name, state_dict=state_dict, dtype=dtype)
+    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight")]
+    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
+    meta = kohya_metadata(rank=Counter(ranks).most_common(1)[0][0], alpha=Counter(alphas).most_common(1)[0][0],
+                          base_model_version=base_model_version, extra=metadata)
+    return save_lora_safetensors(path, tensors, meta)
 
 
 # --------------------------------------------------------------------------------------------------
-# kohya -> peft
+# reading: any SD LoRA file -> a peft adapter, through diffusers
 
 
 @dataclass
-class PeftLoraLayout:
-    """A LoRA in peft form, as converted from kohya tensors.
+class LoadedLora:
+    """What :func:`load_lora` added.
 
     Attributes:
-        state_dict: ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (no adapter name), for
-            ``peft.set_peft_model_state_dict``.
-        ranks: module path -> rank (rows of lora_A).
-        alphas: module path -> ``lora_alpha`` (scale = alpha / rank; kohya's default alpha = rank when absent).
+        adapter_name: the peft adapter's name on every component it reached.
+        modules: component (``unet``, ``text_encoder``, ``text_encoder_2``) -> number of LoRA'd modules.
+        file_format: ``"kohya"`` (``lora_unet_`` / ``lora_te*_`` keys, either UNet layout), ``"peft"``
+            (``lora_A`` / ``lora_B`` keys) or ``"diffusers"`` (other diffusers layouts, passed on as they are).
+        skipped: text-encoder keys not loaded (``text_encoders=False``).
     """
 
-    state_dict: dict[str, torch.Tensor]
-    ranks: dict[str, int] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)
+    adapter_name: str
+    modules: dict[str, int] = field(default_factory=dict)
+    file_format: str = ""
+    skipped: list[str] = field(default_factory=list)
 
-    @property
-    def rank(self) -> int:
-        """The most common rank (LoraConfig ``r``)."""
-        return Counter(self.ranks.values()).most_common(1)[0][0]
 
-    @property
-    def alpha(self) -> float:
-        """The most common alpha (LoraConfig ``lora_alpha``)."""
-        return Counter(self.alphas.values()).most_common(1)[0][0]
+def read_lora(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The tensors of a LoRA and its adapter configuration in diffusers' metadata form, when it has one.
 
-    @property
-    def rank_pattern(self) -> dict[str, int]:
-        """Escaped full module paths whose rank differs from :attr:`rank`."""
-        r = self.rank
-        return {re.escape(m): v for m, v in sorted(self.ranks.items()) if v != r}
+    ``source``: a ``.safetensors`` file, a PEFT adapter folder (``adapter_model.safetensors`` + ``adapter_config.
+    json``, as ``PeftModel.save_pretrained`` writes) or a tensor dict. The configuration (``LoraConfig`` fields
+    with a component prefix, ``{"unet.r": 4, "unet.lora_alpha": 8, ...}``) comes from an ``adapter_config.json``
+    beside the weights (a UNet adapter) or from diffusers' ``lora_adapter_metadata`` entry in the file.
+    """
+    if isinstance(source, Mapping):
+        return dict(source), None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"LoRA folder {str(path)!r} has no adapter_model.safetensors (a PEFT adapter folder "
+                                    "holds adapter_model.safetensors and adapter_config.json)")
+        path = weights
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
+    try:
+        tensors, file_meta = load_lora_safetensors(path)
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors LoRA file: {err}") from err
+    config_file = path.parent / "adapter_config.json"
+    if config_file.is_file():
+        from dataclasses import fields
 
-    @property
-    def alpha_pattern(self) -> dict[str, float]:
-        """Escaped full module paths whose alpha differs from :attr:`alpha`."""
-        a = self.alpha
-        return {re.escape(m): v for m, v in sorted(self.alphas.items()) if v != a}
-
-    def scale_kwargs(self) -> dict[str, Any]:
-        """``alpha``, ``rank``, ``alpha_pattern``, ``rank_pattern`` for :func:`peft_state_dict_to_kohya`."""
-        return dict(alpha=self.alpha, rank=self.rank, alpha_pattern=self.alpha_pattern, rank_pattern=self.rank_pattern)
-
-    def lora_config(self, **overrides: Any):
-        """A ``peft.LoraConfig`` targeting exactly these modules with these ranks and alphas."""
         from peft import LoraConfig
 
-        kwargs: dict[str, Any] = dict(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            target_modules=sorted(self.ranks),
-            rank_pattern=self.rank_pattern,
-            alpha_pattern=self.alpha_pattern,
-        )
-        kwargs.update(overrides)
-        return LoraConfig(**kwargs)
+        names = {f.name for f in fields(LoraConfig)} - {"peft_type", "task_type", "base_model_name_or_path",
+                                                        "revision", "inference_mode", "auto_mapping"}
+        config = json.loads(config_file.read_text())
+        return tensors, {f"unet.{k}": v for k, v in config.items() if k in names}
+    raw = file_meta.get("lora_adapter_metadata")
+    return tensors, (json.loads(raw) if raw else None)
 
 
-def _module_lookup(module_names: Iterable[str]) -> dict[str, str]:
-    lookup: dict[str, str] = {}
-    for path in module_names:
-        if not path:
-            continue
-        underscored = path.replace(".", "_")
-        other = lookup.get(underscored)
-        if other is not None and other != path:
-            raise ValueError(f"module paths {other!r} and {path!r} have the same kohya name {underscored!r}")
-        lookup[underscored] = path
-    return lookup
+def _uniform_kohya_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One alpha for every kohya module, each module's ``alpha / rank`` kept by folding the ratio into lora_up.
 
-
-def kohya_to_peft_state_dict(tensors: Mapping[str, torch.Tensor], module_names: Iterable[str]) -> PeftLoraLayout:
-    """Convert kohya UNet LoRA tensors to peft keys.
-
-    Kohya names replace every dot by an underscore, which is ambiguous (``to_out_0`` vs ``to.out.0``), so the
-    valid module paths are needed: ``[name for name, _ in unet.named_modules()]``.
-
-    Args:
-        tensors: ``lora_unet_<name>.lora_down.weight`` / ``.lora_up.weight`` / optional ``.alpha``.
-        module_names: dotted module paths of the target model.
-
-    Returns:
-        :class:`PeftLoraLayout` with peft keys and per-module ranks/alphas (alpha defaults to the rank).
-
-    Raises:
-        ValueError: keys that are not kohya UNet LoRA keys (text encoder, LDM layout, DoRA, ...), a down
-            without an up weight (or the reverse), or names that match no module (with close matches).
+    A module without ``.alpha`` has kohya's default alpha = rank (scale 1).
     """
-    lookup = _module_lookup(module_names)
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    bad: list[str] = []
     for key, value in tensors.items():
         m = _KOHYA_KEY.match(key)
-        if m is None:
-            bad.append(key)
-            continue
-        groups.setdefault(m.group("name"), {})[m.group("kind")] = value
-    if bad:
-        hint = ""
-        if any(k.startswith(("lora_te_", "lora_te1_", "lora_te2_")) for k in bad):
-            hint = " Text-encoder LoRA keys (lora_te*) are not supported."
-        raise ValueError(
-            f"{len(bad)} key(s) are not kohya UNet LoRA keys 'lora_unet_<module>.lora_down.weight' / "
-            f"'.lora_up.weight' / '.alpha': {sorted(bad)[:8]}.{hint}"
-        )
-
-    unmatched: list[str] = []
-    layout = PeftLoraLayout(state_dict={})
-    for name in sorted(groups):
-        slot = groups[name]
+        if m is not None:
+            groups.setdefault(m.group("name"), {})[m.group("kind")] = value
+    alphas = {}
+    for name, slot in groups.items():
         if "lora_down.weight" not in slot or "lora_up.weight" not in slot:
-            raise ValueError(f"kohya LoRA {name!r} needs both lora_down.weight and lora_up.weight, has {sorted(slot)}")
-        path = lookup.get(name[len(KOHYA_UNET_PREFIX):])
-        if path is None:
-            unmatched.append(name)
-            continue
-        down, up = slot["lora_down.weight"], slot["lora_up.weight"]
-        rank = _check_pair(path, down, up)
-        alpha = float(slot["alpha"].item()) if "alpha" in slot else float(rank)
-        layout.state_dict[f"{path}.lora_A.weight"] = down
-        layout.state_dict[f"{path}.lora_B.weight"] = up
-        layout.ranks[path] = rank
-        layout.alphas[path] = alpha
-    if unmatched:
-        lines = []
-        candidates = [KOHYA_UNET_PREFIX + k for k in lookup]
-        for name in unmatched[:8]:
-            close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
-            lines.append(f"  {name}" + (f"  (closest module: {close[0]})" if close else ""))
-        more = f"\n  ... and {len(unmatched) - 8} more" if len(unmatched) > 8 else ""
-        ldm = ""
-        if any(n.startswith(_LDM_BLOCK_NAMES) for n in unmatched):
-            ldm = ("\nThese look like LDM-layout names (input_blocks/middle_block/output_blocks); only the diffusers "
-                   "layout (down_blocks/mid_block/up_blocks) is supported here.")
-        raise ValueError(
-            f"{len(unmatched)} kohya LoRA module(s) match no module of the model:\n" + "\n".join(lines) + more + ldm
-        )
-    if not layout.state_dict:
-        raise ValueError("no LoRA weights found (empty tensor dict)")
-    return layout
+            raise ValueError(f"kohya LoRA module {name!r} needs both lora_down.weight and lora_up.weight, "
+                             f"has {sorted(slot)}")
+        rank = slot["lora_down.weight"].shape[0]
+        alphas[name] = float(slot["alpha"].item()) if "alpha" in slot else float(rank)
+    if not alphas:
+        return tensors
+    common = Counter(alphas.values()).most_common(1)[0][0]
+    out = dict(tensors)
+    for name, alpha in alphas.items():
+        if alpha != common:
+            up = out[name + ".lora_up.weight"]
+            out[name + ".lora_up.weight"] = (up.to(torch.float64) * (alpha / common)).to(up.dtype)
+        out[name + ".alpha"] = torch.tensor(common, dtype=torch.float32)
+    return out
 
 
-def load_kohya_lora_into_unet(
-    unet: torch.nn.Module,
-    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-    adapter_name: str = "default",
-    **lora_config_overrides: Any,
-):
-    """Add a kohya-format LoRA (file or tensor dict) to a diffusers UNet as a peft adapter.
+def _peft_component_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``base_model.model.<path>`` and bare ``<path>`` PEFT keys -> ``unet.<path>`` (diffusers' component prefix)."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("base_model.model."):
+            key = key[len("base_model.model."):]
+        if not key.split(".", 1)[0] in COMPONENTS:
+            key = "unet." + key
+        out[key] = value
+    return out
 
-    Uses diffusers' ``unet.add_adapter`` (PeftAdapterMixin), which also makes ``adapter_name`` the active
-    adapter (switch with ``unet.set_adapter`` / ``unet.disable_adapters()``); modules without
-    ``add_adapter`` get ``peft.inject_adapter_in_model``. The weights are copied into the UNet's dtype and
-    device.
 
-    Args:
-        unet: a diffusers ``UNet2DConditionModel`` (or any module with ``add_adapter``).
-        source: path of a ``.safetensors`` file, or the tensors themselves.
-        adapter_name: name of the new adapter; must not exist yet.
-        lora_config_overrides: extra ``LoraConfig`` fields (e.g. ``lora_dropout``).
+def _one_text_encoder_key_style(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder keys of a converted kohya file in one diffusers style.
 
-    Returns:
-        The ``LoraConfig`` used.
-
-    Raises:
-        ValueError: keys that match no module (see :func:`kohya_to_peft_state_dict`), modules that are not
-            Linear/Conv2d, or an existing adapter of that name.
+    diffusers 0.42 converts kohya attention keys to its old style (``self_attn.to_q_lora.down``) and MLP keys to
+    the new one (``mlp.fc1.lora_linear_layer.down``); its text-encoder loader infers one style for the whole dict
+    and then drops the attention weights of a file that has both. diffusers' own old -> new mapping puts all of
+    them in the new style.
     """
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_DIFFUSERS, convert_state_dict
+
+    te = {k: v for k, v in state_dict.items() if k.startswith("text_encoder")}
+    if not any("lora_linear_layer" in k for k in te) or not any("_lora." in k for k in te):
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if not k.startswith("text_encoder")}
+    out.update(convert_state_dict(te, DIFFUSERS_OLD_TO_DIFFUSERS))
+    return out
+
+
+def _resolve_target(target: Any) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module]]:
+    """(pipeline or None, UNet, {component name: module}) of a backbone, a pipeline or a UNet."""
+    if hasattr(target, "pipe") and hasattr(target, "network"):  # a StableDiffusionBackbone
+        target = target.pipe
+    if hasattr(target, "unet") and hasattr(target, "components"):  # a diffusers pipeline
+        parts = {name: getattr(target, name, None) for name in COMPONENTS}
+        return target, target.unet, {k: v for k, v in parts.items() if isinstance(v, torch.nn.Module)}
+    if isinstance(target, torch.nn.Module) and hasattr(target, "load_lora_adapter"):
+        return None, target, {"unet": target}
+    raise TypeError(f"load_lora needs a StableDiffusionBackbone, a diffusers Stable Diffusion pipeline or a "
+                    f"UNet2DConditionModel, got a {type(target).__name__}")
+
+
+def _adapter_modules(module: torch.nn.Module, adapter_name: str) -> int:
     from peft.tuners.lora import LoraLayer
 
-    tensors = load_lora_safetensors(source)[0] if isinstance(source, (str, os.PathLike)) else dict(source)
-    existing = set(getattr(unet, "peft_config", None) or {})
-    for module in unet.modules():
-        if isinstance(module, LoraLayer):
-            existing |= set(module.lora_A.keys())
-    if adapter_name in existing:
-        raise ValueError(f"the UNet already has an adapter named {adapter_name!r}; pick another adapter_name")
-    modules = dict(unet.named_modules())
-    layout = kohya_to_peft_state_dict(tensors, modules.keys())
-    for path in layout.ranks:
-        mod = modules[path]
-        base = getattr(mod, "base_layer", mod)
-        if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise ValueError(f"kohya LoRA targets {path!r}, a {type(base).__name__}; only Linear and Conv2d are supported")
-    config = layout.lora_config(**lora_config_overrides)
-    if hasattr(unet, "add_adapter"):  # diffusers models: registers the config and activates the adapter
-        unet.add_adapter(config, adapter_name=adapter_name)
-    else:  # any torch module
-        inject_adapter_in_model(config, unet, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(unet, layout.state_dict, adapter_name=adapter_name)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in (getattr(result, "missing_keys", []) or []) if f".{adapter_name}." in k and "lora_" in k]
-    if unexpected or missing:
-        raise RuntimeError(f"LoRA weights did not load cleanly: unexpected {unexpected[:5]}, missing {missing[:5]}")
-    return config
+    return sum(isinstance(m, LoraLayer) and adapter_name in m.lora_A for m in module.modules())
+
+
+def _lora_modules_in(state_dict: Mapping[str, Any], component: str) -> int:
+    """LoRA'd modules of ``component`` in a diffusers-converted state dict (one down / A weight each)."""
+    downs = (".lora_A.weight", ".down.weight")
+    return sum(k.startswith(component + ".") and k.endswith(downs) for k in state_dict)
+
+
+def _unet_modules_missed(state_dict: Mapping[str, torch.Tensor], unet: torch.nn.Module, adapter_name: str) -> list[str]:
+    """UNet module paths (as diffusers converted the keys) that did not get the adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.tuners.lora import LoraLayer
+
+    part = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    wanted = {k.split(".lora_A")[0] for k in convert_unet_state_dict_to_peft(part) if ".lora_A" in k}
+    got = {n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+    return sorted(wanted - got)
+
+
+def _delete_adapter(components: Mapping[str, torch.nn.Module], adapter_name: str) -> None:
+    """Remove a half-loaded adapter so that a failed load leaves the model as it was.
+
+    The LoRA layers themselves are unwrapped (diffusers' ``recurse_remove_peft_layers``) when no other adapter
+    is left on the component.
+    """
+    from diffusers.utils import recurse_remove_peft_layers
+    from peft.tuners.lora import LoraLayer
+
+    for module in components.values():
+        others = set()
+        for layer in module.modules():
+            if isinstance(layer, LoraLayer):
+                if adapter_name in layer.lora_A:
+                    layer.delete_adapter(adapter_name)
+                others |= set(layer.lora_A)
+        config = getattr(module, "peft_config", None)
+        if isinstance(config, dict):
+            config.pop(adapter_name, None)
+        if not others and any(isinstance(m, LoraLayer) for m in module.modules()):
+            recurse_remove_peft_layers(module)
+            if hasattr(module, "peft_config") and not module.peft_config:
+                del module.peft_config
+            if hasattr(module, "_hf_peft_config_loaded"):
+                module._hf_peft_config_loaded = None
+
+
+def load_lora(
+    target: Any,
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    *,
+    text_encoders: bool = True,
+) -> LoadedLora:
+    """Add a LoRA file to a Stable Diffusion model as the peft adapter ``adapter_name``, through diffusers.
+
+    Reads kohya files (``lora_unet_`` keys in the diffusers UNet layout ``down_blocks_...`` or the LDM layout
+    ``input_blocks_...``, text-encoder ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` keys, per-module alphas),
+    PEFT files and folders (``<module>.lora_A.weight``, with ``unet.`` / ``base_model.model.`` or no prefix;
+    their ``LoraConfig`` from an ``adapter_config.json`` beside them or diffusers' ``lora_adapter_metadata``, else
+    diffusers' default for PEFT keys: scale 1 per module) and diffusers' own LoRA files.
+    diffusers' ``lora_state_dict`` converts the keys (with the UNet's config, which LDM block numbers need) and
+    ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` inject the adapter. The adapter is active after
+    loading; choose per call with :func:`rdt_lib.lora.use_adapters` (UNet) -- a text-encoder adapter acts on
+    prompt encoding, for base and tuned model alike.
+
+    Args:
+        target: a ``StableDiffusionBackbone``, a diffusers SD / SDXL pipeline, or a ``UNet2DConditionModel``
+            (UNet only: a file with text-encoder keys is then refused unless ``text_encoders=False``).
+        source: a ``.safetensors`` file, a PEFT adapter folder, or the tensors.
+        adapter_name: the new adapter's name; must not exist yet.
+        text_encoders: False loads only the UNet part and lists the text-encoder keys in ``skipped``.
+
+    Returns:
+        :class:`LoadedLora` (modules per component).
+
+    Raises:
+        ValueError: an unreadable file, keys diffusers cannot convert, text-encoder keys with a UNet-only target,
+            an adapter name in use, or weights that matched no module (the partly added adapter is removed).
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    from .backbones.stable_diffusion import detect_sd_kind
+
+    pipe, unet, components = _resolve_target(target)
+    tensors, metadata = read_lora(source)
+    if not tensors:
+        raise ValueError("the LoRA has no tensors")
+    for name, module in components.items():
+        if adapter_name in (getattr(module, "peft_config", None) or {}) or _adapter_modules(module, adapter_name):
+            raise ValueError(f"the {name} already has an adapter named {adapter_name!r}; pick another adapter_name")
+
+    if all(k.startswith(KOHYA_PREFIXES) for k in tensors):
+        file_format = "kohya"
+        metadata = None  # the alphas are in the tensors
+        tensors = _uniform_kohya_alphas(tensors)
+        te_keys = sorted(k for k in tensors if k.startswith(KOHYA_TE_PREFIXES))
+    elif any(_PEFT_KEY.match(k) for k in tensors):
+        file_format = "peft"
+        tensors = _peft_component_prefixes(tensors)
+        te_keys = sorted(k for k in tensors if not k.startswith("unet."))
+    else:
+        file_format = "diffusers"
+        te_keys = sorted(k for k in tensors if k.startswith(("text_encoder.", "text_encoder_2.")))
+    skipped: list[str] = []
+    if te_keys and (not text_encoders or pipe is None):
+        if text_encoders:
+            raise ValueError(
+                f"the LoRA has {len(te_keys)} text-encoder weight(s) (e.g. {te_keys[0]!r}) but only a UNet was given; "
+                "pass the pipeline or backbone to load them too, or text_encoders=False to load the UNet part only"
+            )
+        skipped = te_keys
+        drop = set(te_keys)
+        tensors = {k: v for k, v in tensors.items() if k not in drop}
+
+    mixin = StableDiffusionXLLoraLoaderMixin if detect_sd_kind(unet) == "sdxl" else StableDiffusionLoraLoaderMixin
+    try:  # (diffusers pops from the dict it is given)
+        state_dict, alphas = mixin.lora_state_dict(dict(tensors), unet_config=unet.config)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"diffusers could not read this LoRA ({file_format} keys such as {sorted(tensors)[:2]}): "
+                         f"{err}") from err
+    state_dict = _one_text_encoder_key_style(state_dict)
+    expected = {name: _lora_modules_in(state_dict, name) for name in components}
+    unknown = [k for k in state_dict if k.split(".", 1)[0] not in components]
+    if unknown:
+        raise ValueError(f"{len(unknown)} LoRA weight(s) belong to no component of this model "
+                         f"({sorted(components)}): {unknown[:5]}")
+    try:
+        mixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name=adapter_name, metadata=metadata,
+                                  _pipeline=pipe)
+        for name in ("text_encoder", "text_encoder_2"):
+            if expected.get(name):
+                mixin.load_lora_into_text_encoder(state_dict, alphas, components[name], prefix=name,
+                                                  adapter_name=adapter_name, metadata=metadata, _pipeline=pipe)
+    except Exception as err:
+        _delete_adapter(components, adapter_name)
+        if isinstance(err, RuntimeError) and "size mismatch" in str(err):
+            lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+            raise ValueError(f"the LoRA does not fit this {detect_sd_kind(unet)} model, its weights have other shapes "
+                             f"(is it for another architecture?): {lines[0]}. Nothing was loaded.") from err
+        if "not found in the base model" in str(err):
+            raise ValueError(f"no LoRA weight matches a module of this {detect_sd_kind(unet)} model (keys such as "
+                             f"{sorted(tensors)[:2]}); is it for another architecture? Nothing was loaded.") from err
+        raise
+    loaded = {name: _adapter_modules(module, adapter_name) for name, module in components.items()}
+    short = {name: (loaded[name], n) for name, n in expected.items() if loaded[name] != n}
+    if short:
+        missed = _unet_modules_missed(state_dict, unet, adapter_name) if "unet" in short else []
+        _delete_adapter(components, adapter_name)
+        detail = ", ".join(f"{name}: {got} of {want}" for name, (got, want) in short.items())
+        raise ValueError(f"LoRA weights did not all reach a module ({detail} LoRA'd modules; no UNet module "
+                         f"{missed[:5]}); the file is for another architecture or a layout diffusers does not "
+                         f"convert (keys such as {sorted(tensors)[:2]}). Nothing was loaded.")
+    return LoadedLora(adapter_name, {k: v for k, v in loaded.items() if v}, file_format, skipped)
 
 
 # --------------------------------------------------------------------------------------------------

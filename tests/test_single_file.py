@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm_checkpoint import make_tiny_sdxl_single_file_pipeline, save_ldm_checkpoint
-from rdt_lib.backbones.stable_diffusion import StableDiffusionBackbone
+from rdt_lib.backbones.stable_diffusion import StableDiffusionBackbone, detect_sd_kind
 from rdt_lib.sampling import sample
 from sd_fixtures import make_tiny_pipeline, save_tiny_sd_pipeline
 
@@ -221,6 +221,28 @@ def test_sdxl_single_file_loads_and_samples_like_the_diffusers_dir(sdxl):
     ours = sample(bb, PROMPTS, num_steps=2, seeds=[5, 6], decode=False).latents
     theirs = sample(ref, PROMPTS, num_steps=2, seeds=[5, 6], decode=False).latents
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_one_sdxl_detection_for_every_source(sd15, sdxl, tmp_path):
+    """detect_sd_kind answers alike for a model and each form its weights come in; the trainer uses it too."""
+    from rdt_lib.train.run import detect_checkpoint_kind
+
+    for m in (sd15, sdxl):
+        bb = _load_file(m)
+        sources = [m.pipe, m.pipe.unet, m.pipe.unet.config, bb, m.file, load_file(str(m.file)), m.ref_dir,
+                   m.config_dir]
+        assert [detect_sd_kind(src) for src in sources] == [m.kind] * len(sources)
+        assert detect_checkpoint_kind(m.file) == m.kind and bb.is_sdxl == (m.kind == "sdxl")
+        ckpt = tmp_path / f"{m.kind}.ckpt"  # a pickled checkpoint with the usual "state_dict" level
+        torch.save({"state_dict": {k: torch.zeros(1) for k in load_file(str(m.file))}}, ckpt)
+        assert detect_sd_kind(ckpt) == m.kind
+    assert (detect_sd_kind("stabilityai/stable-diffusion-xl-base-1.0"), detect_sd_kind("runwayml/sd-v1-5")) == \
+        ("sdxl", "sd15")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without model_index.json"):
+        detect_sd_kind(tmp_path / "empty")
+    with pytest.raises(ValueError, match="cannot tell SDXL from SD1.x/2.x for a int"):
+        detect_sd_kind(3)
 
 
 def test_dtype_is_applied(sd15):

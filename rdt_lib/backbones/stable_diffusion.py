@@ -9,15 +9,16 @@ Load from a diffusers directory or hub id (:meth:`StableDiffusionBackbone.from_p
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
 from .base import Backbone, Conditioning
 
-__all__ = ["StableDiffusionBackbone"]
+__all__ = ["StableDiffusionBackbone", "detect_sd_kind"]
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -43,7 +44,7 @@ class StableDiffusionBackbone(Backbone):
         self.pipe = pipe
         self.network = pipe.unet
         self.vae = pipe.vae
-        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.is_sdxl = detect_sd_kind(pipe) == "sdxl"
         self.scheduler_config = dict(pipe.scheduler.config)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.default_cfg = 5.0 if self.is_sdxl else 7.5
@@ -217,34 +218,80 @@ class StableDiffusionBackbone(Backbone):
 def _pipeline_class(kind: str, path_or_id: str | os.PathLike):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if kind == "auto":
+        kind = detect_sd_kind(path_or_id)
     if kind == "sd15":
         return StableDiffusionPipeline
     if kind == "sdxl":
         return StableDiffusionXLPipeline
-    if kind != "auto":
-        raise ValueError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
-    index = Path(path_or_id) / "model_index.json"
-    if index.is_file():
-        import json
+    raise ValueError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
 
-        return StableDiffusionXLPipeline if "text_encoder_2" in json.loads(index.read_text()) else StableDiffusionPipeline
-    return StableDiffusionXLPipeline if "xl" in str(path_or_id).lower() else StableDiffusionPipeline
+
+# ---- SDXL or SD1.x/2.x ------------------------------------------------------------------------------------
+_LDM_UNET_PREFIX = "model.diffusion_model."
+_SDXL_MARKER = "conditioner.embedders.1."  # SDXL's second (OpenCLIP) text encoder in an LDM checkpoint
+
+
+def detect_sd_kind(source: Any) -> str:
+    """``"sdxl"`` or ``"sd15"`` (SD1.x/2.x) for a model, its weights or where they lie; the one place that decides.
+
+    ``source`` may be:
+
+    - a diffusers pipeline (SDXL has a ``text_encoder_2``) or a ``StableDiffusionBackbone``;
+    - a ``UNet2DConditionModel`` or its config (SDXL's UNet has ``addition_embed_type == "text_time"``);
+    - a single-file checkpoint path (``.safetensors``, ``.ckpt``) or its keys (a state dict or an iterable of
+      key strings): SDXL has a second text encoder ``conditioner.embedders.1.*``;
+    - a diffusers directory (SDXL's ``model_index.json`` lists ``text_encoder_2``);
+    - any other string is taken as a hub id: SDXL when it contains ``xl`` (a guess; pass ``kind`` to be sure).
+
+    Raises:
+        FileNotFoundError: a directory without ``model_index.json``.
+        ValueError: a file that cannot be read as a checkpoint, or an object of none of these kinds.
+    """
+    if hasattr(source, "pipe") and hasattr(source, "network"):  # a backbone
+        source = source.pipe
+    if hasattr(source, "components") and hasattr(source, "unet"):  # a diffusers pipeline
+        return "sdxl" if getattr(source, "text_encoder_2", None) is not None else "sd15"
+    config = getattr(source, "config", source)
+    if isinstance(config, Mapping) and ("addition_embed_type" in config or "cross_attention_dim" in config):
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            index = path / "model_index.json"
+            if not index.is_file():
+                raise FileNotFoundError(f"{str(path)!r} is a directory without model_index.json (not a diffusers model)")
+            return "sdxl" if "text_encoder_2" in json.loads(index.read_text()) else "sd15"
+        if path.is_file():
+            return detect_sd_kind(_checkpoint_keys(path))
+        return "sdxl" if "xl" in str(source).lower() else "sd15"
+    if isinstance(source, Mapping):
+        source = source.keys()
+    if isinstance(source, Iterable):
+        return "sdxl" if any(str(k).startswith(_SDXL_MARKER) for k in source) else "sd15"
+    raise ValueError(f"cannot tell SDXL from SD1.x/2.x for a {type(source).__name__}: give a pipeline, backbone, "
+                     "UNet, checkpoint path, diffusers directory or checkpoint keys")
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a single-file checkpoint (``.safetensors`` read lazily; others with ``torch.load``)."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                return list(fh.keys())
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a checkpoint at all (truncated, another format renamed ...)
+        what = ".safetensors file" if path.suffix.lower() == ".safetensors" else "checkpoint file"
+        raise ValueError(f"{str(path)!r} is not a readable {what}: {err}") from err
+    return list(sd.get("state_dict", sd)) if isinstance(sd, Mapping) else []
 
 
 # ---- single-file checks ---------------------------------------------------------------------------------
-_LDM_UNET_PREFIX = "model.diffusion_model."
-_SDXL_MARKER = "conditioner.embedders.1."  # SDXL's second (OpenCLIP) text encoder
-
-
 def _check_single_file_keys(path: Path, kind: str) -> None:
     """Fail early, with a clear message, on a .safetensors file that is not a full SD checkpoint of ``kind``."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-    except Exception as err:  # not a safetensors file at all (truncated, another format renamed ...)
-        raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {err}") from err
+    keys = _checkpoint_keys(path)
     if not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
         sample = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
         raise ValueError(
@@ -253,26 +300,24 @@ def _check_single_file_keys(path: Path, kind: str) -> None:
             "the original LDM layout with UNet, VAE and text encoder(s), like the files in ComfyUI's "
             "models/checkpoints; LoRA, VAE-only or UNet-only files cannot be loaded this way."
         )
-    is_sdxl = any(k.startswith(_SDXL_MARKER) for k in keys)
-    if is_sdxl != (kind == "sdxl"):
-        found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
+    found_kind = detect_sd_kind(keys)
+    if found_kind != kind:
+        found = "an SDXL" if found_kind == "sdxl" else "an SD1.x/2.x"
         raise ValueError(f"{str(path)!r} looks like {found} checkpoint, but kind={kind!r} was given; "
-                         f"use kind={'sdxl' if is_sdxl else 'sd15'!r}")
+                         f"use kind={found_kind!r}")
 
 
 def _check_single_file_config(config_dir: Path, kind: str) -> None:
     """The config directory must be a diffusers pipeline of the same architecture as ``kind``."""
-    import json
-
     index = config_dir / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(
             f"single-file config directory {str(config_dir)!r} has no model_index.json; give a diffusers-format "
             f"directory of the {kind} architecture (model_index.json plus the component configs and tokenizers)"
         )
-    is_sdxl = "text_encoder_2" in json.loads(index.read_text())
-    if is_sdxl != (kind == "sdxl"):
-        found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
+    found_kind = detect_sd_kind(config_dir)
+    if found_kind != kind:
+        found = "an SDXL" if found_kind == "sdxl" else "an SD1.x/2.x"
         raise ValueError(f"single-file config directory {str(config_dir)!r} is {found} pipeline, but kind={kind!r}; "
                          "the config must have the checkpoint's architecture")
 

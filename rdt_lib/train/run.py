@@ -77,17 +77,10 @@ class TrainResult:
 
 
 def detect_checkpoint_kind(path: str | Path) -> str:
-    """``sdxl`` or ``sd15`` from a single-file checkpoint's keys (SDXL has a second text encoder)."""
-    path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+    """``sdxl`` or ``sd15`` from a single-file checkpoint's keys (see :func:`..backbones.stable_diffusion.detect_sd_kind`)."""
+    from ..backbones.stable_diffusion import detect_sd_kind
 
-        with safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        keys = list(sd.get("state_dict", sd))
-    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
+    return detect_sd_kind(Path(path))
 
 
 def build_backbone(config: TrainConfig, *, device: torch.device, dtype: torch.dtype):
