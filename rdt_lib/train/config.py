@@ -1,19 +1,11 @@
-"""The reward trainer's settings: declared once, read by the files, ``--set``, ``--help`` and the ComfyUI nodes.
+"""The reward trainer's settings, each declared once (pydantic field: type, default, range, accepted names, help).
 
-Every setting is one pydantic field below: name, type, default, range (``ge`` / ``gt`` / ``le`` / ``lt``),
-accepted names and a help line. :func:`setting_spec` / :func:`setting_specs` read those declarations back (for
-user interfaces); :func:`format_help` prints them all.
-
-Loading (:func:`load_config`):
-
-1. Each file (TOML; ``.yaml`` / ``.yml``; or a preset name, see :func:`list_presets`) is read and its keys and
-   value types are checked alone, so an error names the file; an unknown key gets the closest valid key.
-2. Files are merged in order, later files winning; tables merge key by key, lists (``rewards`` too) are replaced.
-3. Overrides ``"section.key=value"`` apply in order. The value is parsed as a TOML literal (``3``, ``2.5e-4``,
-   ``true``, ``[1, 2]``, ``{name = "pickscore"}``) and kept as text when that fails or the key is a string.
-   ``rewards.0.weight=2`` addresses one reward table; index ``len(rewards)`` appends one.
-4. Types are checked strictly (ints are accepted for numbers; nothing else is converted), then the ranges and the
-   cross-field constraints (:func:`validate_config`); every problem is reported at once as a :class:`ConfigError`.
+The declarations feed the TOML / YAML files, ``--set``, ``--help`` (:func:`format_help`), the presets, the error
+messages and user interfaces (:func:`setting_spec`). :func:`load_config` reads files or preset names (each file's
+keys and types checked alone, so errors name the file), merges them in order (tables key by key, lists replaced),
+applies ``"section.key=value"`` overrides (TOML literals; text for string keys; ``rewards.0.weight=2``, index
+``len(rewards)`` appends a reward), checks types strictly (ints accepted for numbers), ranges and cross-field
+constraints, and reports every problem at once as a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -479,23 +471,19 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    """One TOML / YAML file, its keys and value types checked (errors name the file)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        if yaml_file:
             import yaml
 
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         else:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    except Exception as exc:
-        if type(exc).__module__.startswith("yaml"):
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-        raise
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        raise ConfigError(f"{path}: invalid {'YAML' if yaml_file else 'TOML'}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table of sections")
     _raise([msg for kind, msg in _parse(data)[1] if kind != "value"], str(path))
