@@ -436,7 +436,8 @@ def _raise(problems: list[str], source: str = "") -> None:
         prefix = f"{source}: " if source else ""
         if len(problems) == 1:
             raise ConfigError(prefix + problems[0])
-        raise ConfigError(f"{prefix}{len(problems)} configuration problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{prefix}{len(problems)} configuration problems:\n{listed}")
 
 
 def _parse(data: Mapping[str, Any]) -> tuple[TrainConfig | None, list[tuple[str, str]]]:
@@ -528,7 +529,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             raise ConfigError(f"unknown key {key!r}{_suggest(None, path[0])}")
         if path[0] == "rewards" and len(path) > 1:
             if not path[1].isdigit():
-                raise ConfigError(f"{key!r}: reward tables are addressed as rewards.<index>.<key>, e.g. rewards.0.weight")
+                raise ConfigError(f"{key!r}: reward tables are addressed as rewards.<index>.<key>, "
+                                  f"e.g. rewards.0.weight")
             rewards = data.setdefault("rewards", [r.model_dump() for r in TrainConfig().rewards])
             index = int(path[1])
             if not isinstance(rewards, list) or index > len(rewards):
@@ -614,8 +616,9 @@ def _looks_local(value: str) -> bool:
 def validate_config(config: TrainConfig, *, known_rewards: Iterable[str] | None = None,
                     known_schedulers: Iterable[str] | None = None, check_inputs: bool = True) -> None:
     """Check ranges and cross-field constraints of a built config; raise one ConfigError listing every problem."""
-    _config, problems = _parse(config.model_dump(exclude_none=True))
-    _raise([msg for _, msg in problems] + _cross_checks(config, known_rewards, known_schedulers, check_inputs))
+    checked, problems = _parse(config.model_dump(exclude_none=True, warnings=False))
+    cross = _cross_checks(checked, known_rewards, known_schedulers, check_inputs) if checked is not None else []
+    _raise([msg for _, msg in problems] + cross)
 
 
 def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None, known_schedulers: Iterable[str] | None,
