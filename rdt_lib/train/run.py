@@ -293,8 +293,9 @@ def build_run(
     kind = "sdxl" if getattr(backbone, "is_sdxl", False) else "sd15"
     say(f"model {config.model.path or type(backbone).__name__} ({kind}, {device}), LoRA rank {config.lora.rank}: "
         f"{n_params:,} trainable parameters; objective {config.run.objective}; rewards "
-        f"{', '.join(r.name for r in config.rewards)}; {len(data)} training items; {acc.num_processes} process(es), global batch "
-        f"{o.batch_size * o.grad_accum * acc.num_processes} [{time.perf_counter() - t0:.1f} s]")
+        f"{', '.join(r.name for r in config.rewards)}; {len(data)} training items; {acc.num_processes} "
+        f"process(es), global batch {o.batch_size * o.grad_accum * acc.num_processes} "
+        f"[{time.perf_counter() - t0:.1f} s]")
     return TrainingRun(config, backbone, trainer, acc, say)
 
 
