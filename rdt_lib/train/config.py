@@ -85,7 +85,7 @@ class Section(BaseModel):
 class RunConfig(Section):
     """[run]: what to train and for how long."""
 
-    objective: Literal["draft", "draft-lv", "refl", "imagerefl"] = S(
+    objective: Literal[OBJECTIVES] = S(
         "draft", "training objective: draft (DRaFT-K; DRaFT+ with regularizers.kl_coeff > 0), draft-lv, refl or "
         "imagerefl")
     max_steps: int = S(4000, "optimizer steps to train (each = optim.grad_accum micro-batches per process)", ge=1)
