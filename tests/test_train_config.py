@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import re
 import sys
 
 import pytest
@@ -10,6 +10,7 @@ import pytest
 from rdt_lib.train.config import (
     ConfigError,
     TrainConfig,
+    all_keys,
     config_hash,
     config_to_dict,
     format_help,
@@ -17,7 +18,9 @@ from rdt_lib.train.config import (
     load_config,
     parse_override,
     preset_path,
+    setting_specs,
     to_toml,
+    validate_config,
 )
 
 if sys.version_info >= (3, 11):
@@ -259,13 +262,22 @@ def test_k_larger_than_step_count_and_refl_range():
 
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
-        load_config([], ["optim.lr=-1", "lora.rank=0", "sampling.eta=2.0", "checkpoint.keep_last=0"],
-                    check_inputs=False)
+        load_config([], ["optim.lr=-1", "lora.rank=0", "sampling.eta=2.0", "checkpoint.keep_last=0",
+                         "objective.k=30"], check_inputs=False)
     text = str(info.value)
-    assert text.startswith("4 configuration problems:")
+    assert text.startswith("5 configuration problems:")
     for part in ("optim.lr must be > 0", "lora.rank must be >= 1", "sampling.eta must be in [0, 1]",
-                 "checkpoint.keep_last must be >= 1"):
+                 "checkpoint.keep_last must be >= 1", "objective.k = 30 is larger than objective.num_steps"):
         assert part in text
+    # a config built in code (as a user interface does) is checked the same way
+    config = TrainConfig()
+    config.optim.lr, config.objective.k = -1.0, 30
+    with pytest.raises(ConfigError, match=r"2 configuration problems:\n  - optim\.lr must be > 0.*\n  - objective\.k = 30"
+                                          r" is larger"):
+        validate_config(config, check_inputs=False)
+    config.optim.lr = "fast"
+    with pytest.raises(ConfigError, match=r"^optim\.lr: expected number, got str 'fast'$"):
+        validate_config(config, check_inputs=False)
 
 
 def test_regularizer_and_sampling_constraints():
@@ -310,17 +322,58 @@ def test_config_hash_changes_with_values():
 
 def test_help_lists_every_field_with_default_and_doc():
     text = format_help()
-    for section in dataclasses.fields(TrainConfig):
-        value = getattr(TrainConfig(), section.name)
-        cls = type(value[0]) if isinstance(value, list) else type(value)
-        prefix = "rewards.N." if section.name == "rewards" else f"{section.name}."
-        for f in dataclasses.fields(cls):
-            assert f"  {prefix}{f.name} = " in text, f.name
-            assert f.metadata["help"] and f.metadata["help"] in text, f.name
+    specs = setting_specs()
+    assert [s.key for s in specs] == all_keys() and len(specs) > 60
+    for spec in specs:
+        assert f"  {spec.key} = " in text, spec.key
+        assert spec.help and spec.help in text, spec.key
     # a few literal lines, written out independently
     for line in ("  optim.lr = 0.00025    [number]", "  objective.k = 1    [integer or \"all\"]",
                  "  lora.target_modules = [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]    [list of strings]",
-                 "  rewards.N.name = (required)    [string]", "  run.objective = \"draft\"    [string]"):
+                 "  rewards.N.name = (required)    [string]", "  run.objective = \"draft\"    [string]",
+                 "  sampling.cfg_scale = (unset)    [number]", "      peak AdamW learning rate; range > 0",
+                 "      LoRA dropout probability; range in [0, 1)"):
         assert line in text
     assert "one of: draft, draft-lv, refl, imagerefl" in text
     assert "tiny_cpu" in text  # presets are listed
+
+
+def test_help_presets_and_setting_specs_come_from_one_declaration():
+    """The CLI's --help, a preset and setting_spec (what the ComfyUI node reads) agree on default and range."""
+    from rdt_lib.rewards import available
+    from rdt_lib.sampling import SCHEDULERS
+    from rdt_lib.train.cli import build_parser
+    from rdt_lib.train.config import setting_spec
+
+    help_text = build_parser().format_help()
+    preset = load_config(["draftplus_sd15_pickscore"], check_inputs=False)
+    preset_file = tomllib.loads(preset_path("draftplus_sd15_pickscore").read_text())
+    cases = {  # key: (type, default, ge, gt, le, lt), range text, a value outside; written out independently
+        "optim.lr": ((float, 2.5e-4, None, 0, None, None), "> 0", 0),
+        "optim.ema_decay": ((float, 0.0, 0, None, None, 1), "in [0, 1)", 1),
+        "sampling.eta": ((float, 0.0, 0, None, 1, None), "in [0, 1]", 1.5),
+        "lora.rank": ((int, 32, 1, None, None, None), ">= 1", 0),
+        "optim.eps": ((float, 1e-8, None, 0, None, None), "> 0", -1e-8),
+        "lora.dropout": ((float, 0.0, 0, None, None, 1), "in [0, 1)", -0.5),
+        "checkpoint.keep_last": ((int, 3, 1, None, None, None), ">= 1", 0),
+    }
+    for key, (declared, rng, bad) in cases.items():
+        spec = setting_spec(key)
+        assert (spec.type, spec.default, spec.ge, spec.gt, spec.le, spec.lt) == declared, key
+        assert f"  {key} = {spec.default!r}    [" in help_text, key
+        assert f"{spec.help}; range {rng}" in help_text, key
+        section, name = key.split(".")
+        value = getattr(getattr(preset, section), name)
+        if name not in preset_file.get(section, {}):
+            assert value == spec.default, key  # a preset that leaves a key out gets the declared default
+        ge, gt, le, lt = declared[2:]
+        assert (ge is None or value >= ge) and (gt is None or value > gt), key
+        assert (le is None or value <= le) and (lt is None or value < lt), key
+        with pytest.raises(ConfigError, match=re.escape(f"{key} must be {rng}, got {bad}")):
+            load_config(["draftplus_sd15_pickscore"], [f"{key}={bad}"], check_inputs=False)
+    assert setting_spec("sampling.scheduler").choices == tuple(SCHEDULERS)
+    assert setting_spec("rewards.0.name").choices == tuple(available())
+    assert setting_spec("run.objective").choices == ("draft", "draft-lv", "refl", "imagerefl")
+    assert setting_spec("lora.target_modules").default == ["to_q", "to_k", "to_v", "to_out.0"]
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'; did you mean 'optim\.lr'\?"):
+        setting_spec("optim.lrr")
