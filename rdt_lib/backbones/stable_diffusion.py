@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import InputError, MissingFileError, ModelLoadError, hub_unreachable, one_line
 from .base import Backbone, Conditioning
 
 __all__ = ["StableDiffusionBackbone"]
@@ -78,11 +79,13 @@ class StableDiffusionBackbone(Backbone):
         try:
             pipe = pipe_cls.from_pretrained(str(path_or_id), **_dtype_kwarg(dtype), **extra, **kwargs)
         except (OSError, ValueError) as err:
-            raise OSError(
-                f"could not load a diffusers model from {str(path_or_id)!r}: {err}\n"
-                "Give a local diffusers directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                "scheduler/), a hub id reachable from this machine, or a single .safetensors checkpoint "
-                "(StableDiffusionBackbone.from_single_file)."
+            local = Path(path_or_id).expanduser().exists()
+            why = ("it is not a local path and the Hugging Face hub cannot be reached from here (offline?) nor is "
+                   "it in the local cache" if hub_unreachable(err) and not local else one_line(err))
+            raise ModelLoadError(
+                f"could not load a diffusers model from {str(path_or_id)!r}: {why}; give a local diffusers "
+                "directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single "
+                ".safetensors checkpoint, or a hub id reachable from this machine (or download it first)"
             ) from err
         if device is not None:
             pipe.to(device)
@@ -112,10 +115,10 @@ class StableDiffusionBackbone(Backbone):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         if kind not in ("sd15", "sdxl"):
-            raise ValueError(f"kind must be 'sd15' or 'sdxl' for a single-file checkpoint, got {kind!r}")
+            raise InputError(f"kind must be 'sd15' or 'sdxl' for a single-file checkpoint, got {kind!r}")
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"checkpoint file {str(p)!r} does not exist")
+            raise MissingFileError(f"checkpoint file {str(p)!r} does not exist")
         if p.suffix.lower() == ".safetensors":
             _check_single_file_keys(p, kind)
         pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
@@ -127,7 +130,7 @@ class StableDiffusionBackbone(Backbone):
                 extra["config"] = str(config_dir)
                 extra["local_files_only"] = True
             elif Path(config).is_absolute() or str(config).startswith((".", "~")) or str(config).count("/") > 1:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"single-file config directory {str(config)!r} does not exist (give a local diffusers directory "
                     f"of the {kind} architecture, or a hub id)"
                 )
@@ -138,13 +141,13 @@ class StableDiffusionBackbone(Backbone):
             pipe = pipe_cls.from_single_file(str(p), **_dtype_kwarg(dtype), **extra)
         except Exception as err:  # diffusers raises several error types here
             if "meta tensor" in str(err):  # weights the file lacks stay uninitialised and cannot be cast/moved
-                raise ValueError(
+                raise InputError(
                     f"could not load {str(p)!r} as a single-file {kind} checkpoint: the checkpoint lacks weights of "
-                    "a component the config describes (is it complete, and of the config's architecture?)\n"
+                    "a component the config describes (is it complete, and of the config's architecture?); "
                     f"(diffusers: {err})"
                 ) from err
-            raise ValueError(
-                f"could not load {str(p)!r} as a single-file {kind} checkpoint: {err}\n"
+            raise InputError(
+                f"could not load {str(p)!r} as a single-file {kind} checkpoint: {one_line(err)}; "
                 "Offline, pass config=<a local diffusers directory of the same architecture> so the component "
                 "configs and tokenizers need no download."
             ) from err
@@ -222,7 +225,7 @@ def _pipeline_class(kind: str, path_or_id: str | os.PathLike):
     if kind == "sdxl":
         return StableDiffusionXLPipeline
     if kind != "auto":
-        raise ValueError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
+        raise InputError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
     index = Path(path_or_id) / "model_index.json"
     if index.is_file():
         import json
@@ -244,10 +247,10 @@ def _check_single_file_keys(path: Path, kind: str) -> None:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
     except Exception as err:  # not a safetensors file at all (truncated, another format renamed ...)
-        raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {err}") from err
+        raise InputError(f"{str(path)!r} is not a readable .safetensors file: {err}") from err
     if not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
         sample = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} is not a full Stable Diffusion checkpoint: it has no {_LDM_UNET_PREFIX}* (UNet) weights "
             f"(its {len(keys)} tensors start with: {sample or 'nothing'}). Single-file loading needs a checkpoint in "
             "the original LDM layout with UNet, VAE and text encoder(s), like the files in ComfyUI's "
@@ -256,7 +259,7 @@ def _check_single_file_keys(path: Path, kind: str) -> None:
     is_sdxl = any(k.startswith(_SDXL_MARKER) for k in keys)
     if is_sdxl != (kind == "sdxl"):
         found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
-        raise ValueError(f"{str(path)!r} looks like {found} checkpoint, but kind={kind!r} was given; "
+        raise InputError(f"{str(path)!r} looks like {found} checkpoint, but kind={kind!r} was given; "
                          f"use kind={'sdxl' if is_sdxl else 'sd15'!r}")
 
 
@@ -266,14 +269,14 @@ def _check_single_file_config(config_dir: Path, kind: str) -> None:
 
     index = config_dir / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"single-file config directory {str(config_dir)!r} has no model_index.json; give a diffusers-format "
             f"directory of the {kind} architecture (model_index.json plus the component configs and tokenizers)"
         )
     is_sdxl = "text_encoder_2" in json.loads(index.read_text())
     if is_sdxl != (kind == "sdxl"):
         found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
-        raise ValueError(f"single-file config directory {str(config_dir)!r} is {found} pipeline, but kind={kind!r}; "
+        raise InputError(f"single-file config directory {str(config_dir)!r} is {found} pipeline, but kind={kind!r}; "
                          "the config must have the checkpoint's architecture")
 
 
@@ -285,7 +288,7 @@ def _check_no_missing_weights(pipe: Any, path: Path) -> None:
             continue
         missing = [k for k, v in module.state_dict().items() if v.is_meta]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r}: the checkpoint lacks {len(missing)} weight(s) of the {name} "
                 f"(e.g. {', '.join(missing[:3])}); it does not match the config's architecture"
             )

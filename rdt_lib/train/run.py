@@ -29,10 +29,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..atomic_io import write_text_atomic
+from ..atomic_io import write_image_atomic, write_text_atomic
 from ..lora import add_lora
 from ..lora_io import kohya_metadata, save_lora_safetensors, unet_lora_to_kohya
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .checkpoint import (CheckpointManager, capture_rng_state, check_output_dir, estimate_checkpoint_bytes,
+                         restore_rng_state)
 from .config import ConfigError, TrainConfig, config_hash, to_toml
 from .trainer import NonFiniteLossError, RewardTrainer, TrainerSettings
 
@@ -250,10 +251,7 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_image_atomic(path, Image.fromarray(arr), format="PNG")
 
 
 @torch.no_grad()
@@ -365,13 +363,17 @@ def train_from_config(
 
     # ---- checkpoints, resume
     manager = CheckpointManager(out_dir, config.checkpoint.keep_last, is_main_process=main)
+    if main:  # before the first step: writable, and room for a checkpoint and the exported LoRA
+        check_output_dir(out_dir, estimate_checkpoint_bytes(n_params, len(trainer.param_list), ema=trainer.ema
+                         is not None, export_bytes=_DTYPES[config.checkpoint.lora_dtype].itemsize),
+                         what=f"one checkpoint of {n_params:,} LoRA parameters with optimizer state, and the LoRA")
     resumed_from = None
     if config.run.resume:
-        ckpt = manager.latest() if config.run.resume == "latest" else Path(config.run.resume).expanduser()
+        state, ckpt = manager.load_for_resume(config.run.resume, log=say,
+                                              expected_lora={k: p.shape for k, p in trainer.params.items()})
         if ckpt is None:
             say(f"resume = latest: no checkpoint in {out_dir} yet, starting from scratch")
         else:
-            state = manager.load(ckpt)
             trainer.load_state_dict(state)
             rng = state.get("rng")
             if isinstance(rng, list) and len(rng) == acc.num_processes:
