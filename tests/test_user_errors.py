@@ -335,3 +335,25 @@ def test_run_cli_lets_bugs_through(monkeypatch):
         run_cli(bug, [])
     with pytest.raises(OSError):  # an OSError with an errno that is not about the user's files
         run_cli(lambda argv: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")), [])
+
+
+def test_resume_from_an_output_directory_names_its_checkpoints(trained, tmp_path):
+    out = _copy_run(trained, tmp_path)
+    from rdt_lib.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"is an output directory, not a checkpoint; name one of its "
+                                              r"checkpoints \(checkpoint-1, checkpoint-2\)"):
+        CheckpointManager(tmp_path / "elsewhere").load_for_resume(out)
+    state, path = CheckpointManager(out).load_for_resume(out / "checkpoint-1")
+    assert path == out / "checkpoint-1" and state["meta"]["step"] == 1
+
+
+def test_run_cli_shows_os_errors_about_the_users_files_as_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("RDT_DEBUG", raising=False)
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/logs/events.out")
+
+    assert run_cli(full, []) == 2
+    assert capsys.readouterr().err == ("error: No space left on device: /data/logs/events.out; free some space "
+                                       "(files written before are intact)\n")

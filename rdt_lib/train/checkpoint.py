@@ -490,6 +490,11 @@ class CheckpointManager:
         say = log or (lambda msg: None)
         if str(resume) != "latest":
             path = Path(resume).expanduser()
+            inner = CheckpointManager(path).checkpoints() if not path.name.startswith(self.prefix) else []
+            if inner and not (path / META_FILE).exists():
+                raise CheckpointError(
+                    f"{path} is an output directory, not a checkpoint; name one of its checkpoints "
+                    f"({', '.join(p.name for p in inner)}) or resume = latest with that output directory")
             try:
                 state = self.load(path)
             except CheckpointError as exc:
