@@ -20,7 +20,8 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 __all__ = [
     "UserError",
@@ -29,6 +30,7 @@ __all__ = [
     "InputError",
     "MissingFileError",
     "hub_unreachable",
+    "as_user_error",
     "USER_ERROR_TYPES",
     "EXIT_USER_ERROR",
     "user_error_types",
@@ -89,6 +91,20 @@ class ModelLoadError(UserError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+@contextmanager
+def as_user_error() -> Iterator[None]:
+    """Re-raise a ValueError / FileNotFoundError of the wrapped checks of user input as :class:`InputError` /
+    :class:`MissingFileError` with the same message (as one line), chained to the original."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as exc:
+        raise MissingFileError(one_line(exc)) from exc
+    except ValueError as exc:
+        raise InputError(one_line(exc)) from exc
 
 
 #: Exception types of other modules that are user errors although they do not derive from UserError, as

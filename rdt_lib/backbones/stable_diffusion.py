@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import InputError, MissingFileError, ModelLoadError, hub_unreachable, one_line
+from ..errors import InputError, MissingFileError, ModelLoadError, as_user_error, hub_unreachable, one_line
 from .base import Backbone, Conditioning
 
 __all__ = ["StableDiffusionBackbone"]
@@ -120,13 +120,15 @@ class StableDiffusionBackbone(Backbone):
         if not p.is_file():
             raise MissingFileError(f"checkpoint file {str(p)!r} does not exist")
         if p.suffix.lower() == ".safetensors":
-            _check_single_file_keys(p, kind)
+            with as_user_error():
+                _check_single_file_keys(p, kind)
         pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra: dict[str, Any] = {"safety_checker": None} if kind == "sd15" else {}
         if config is not None:
             config_dir = Path(config).expanduser()
             if config_dir.is_dir():
-                _check_single_file_config(config_dir, kind)
+                with as_user_error():
+                    _check_single_file_config(config_dir, kind)
                 extra["config"] = str(config_dir)
                 extra["local_files_only"] = True
             elif Path(config).is_absolute() or str(config).startswith((".", "~")) or str(config).count("/") > 1:
@@ -151,7 +153,8 @@ class StableDiffusionBackbone(Backbone):
                 "Offline, pass config=<a local diffusers directory of the same architecture> so the component "
                 "configs and tokenizers need no download."
             ) from err
-        _check_no_missing_weights(pipe, p)
+        with as_user_error():
+            _check_no_missing_weights(pipe, p)
         if device is not None:
             pipe.to(device)
         return cls(pipe)
@@ -225,7 +228,7 @@ def _pipeline_class(kind: str, path_or_id: str | os.PathLike):
     if kind == "sdxl":
         return StableDiffusionXLPipeline
     if kind != "auto":
-        raise InputError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
+        raise ValueError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
     index = Path(path_or_id) / "model_index.json"
     if index.is_file():
         import json
@@ -247,10 +250,10 @@ def _check_single_file_keys(path: Path, kind: str) -> None:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
     except Exception as err:  # not a safetensors file at all (truncated, another format renamed ...)
-        raise InputError(f"{str(path)!r} is not a readable .safetensors file: {err}") from err
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {err}") from err
     if not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
         sample = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
-        raise InputError(
+        raise ValueError(
             f"{str(path)!r} is not a full Stable Diffusion checkpoint: it has no {_LDM_UNET_PREFIX}* (UNet) weights "
             f"(its {len(keys)} tensors start with: {sample or 'nothing'}). Single-file loading needs a checkpoint in "
             "the original LDM layout with UNet, VAE and text encoder(s), like the files in ComfyUI's "
@@ -259,7 +262,7 @@ def _check_single_file_keys(path: Path, kind: str) -> None:
     is_sdxl = any(k.startswith(_SDXL_MARKER) for k in keys)
     if is_sdxl != (kind == "sdxl"):
         found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
-        raise InputError(f"{str(path)!r} looks like {found} checkpoint, but kind={kind!r} was given; "
+        raise ValueError(f"{str(path)!r} looks like {found} checkpoint, but kind={kind!r} was given; "
                          f"use kind={'sdxl' if is_sdxl else 'sd15'!r}")
 
 
@@ -269,14 +272,14 @@ def _check_single_file_config(config_dir: Path, kind: str) -> None:
 
     index = config_dir / "model_index.json"
     if not index.is_file():
-        raise MissingFileError(
+        raise FileNotFoundError(
             f"single-file config directory {str(config_dir)!r} has no model_index.json; give a diffusers-format "
             f"directory of the {kind} architecture (model_index.json plus the component configs and tokenizers)"
         )
     is_sdxl = "text_encoder_2" in json.loads(index.read_text())
     if is_sdxl != (kind == "sdxl"):
         found = "an SDXL" if is_sdxl else "an SD1.x/2.x"
-        raise InputError(f"single-file config directory {str(config_dir)!r} is {found} pipeline, but kind={kind!r}; "
+        raise ValueError(f"single-file config directory {str(config_dir)!r} is {found} pipeline, but kind={kind!r}; "
                          "the config must have the checkpoint's architecture")
 
 
@@ -288,7 +291,7 @@ def _check_no_missing_weights(pipe: Any, path: Path) -> None:
             continue
         missing = [k for k, v in module.state_dict().items() if v.is_meta]
         if missing:
-            raise InputError(
+            raise ValueError(
                 f"{str(path)!r}: the checkpoint lacks {len(missing)} weight(s) of the {name} "
                 f"(e.g. {', '.join(missing[:3])}); it does not match the config's architecture"
             )
