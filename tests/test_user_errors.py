@@ -357,3 +357,12 @@ def test_run_cli_shows_os_errors_about_the_users_files_as_one_line(capsys, monke
     assert run_cli(full, []) == 2
     assert capsys.readouterr().err == ("error: No space left on device: /data/logs/events.out; free some space "
                                        "(files written before are intact)\n")
+
+
+def test_unreadable_single_file_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 100)  # e.g. a download that stopped early
+    code, text = _cli(tmp_path / "out", capsys, **{"model.path": str(bad)})
+    assert code == 2
+    line = _one_error(text)
+    assert f"'{bad}' is not a readable .safetensors file" in line
