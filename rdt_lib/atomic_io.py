@@ -13,7 +13,6 @@ bytes were needed and how many are free; the target is unchanged and no temporar
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import shutil
@@ -22,18 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import DiskFullError, format_bytes
+from .errors import DiskFullError, format_bytes, is_disk_full
 
 __all__ = ["fsync_dir", "write_bytes_atomic", "write_text_atomic", "write_image_atomic", "current_umask",
            "is_disk_full"]
-
-_DISK_FULL = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n))
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """True for an OSError meaning the device or quota is full (ENOSPC, EDQUOT, EFBIG)."""
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
-
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """fsync a directory so a rename inside it is durable (a no-op where directories cannot be opened)."""

@@ -35,6 +35,7 @@ __all__ = [
     "EXIT_USER_ERROR",
     "user_error_types",
     "is_user_error",
+    "is_disk_full",
     "one_line",
     "format_bytes",
     "run_cli",
@@ -52,6 +53,11 @@ USER_ERRNOS = frozenset(
     ) if hasattr(errno, name)
 )
 _DISK_FULL_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an OSError meaning the device or quota is full (ENOSPC, EDQUOT, EFBIG)."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS
 
 
 class UserError(Exception):
