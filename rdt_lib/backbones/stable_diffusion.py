@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ..errors import InputError, MissingFileError, ModelLoadError, as_user_error, hub_unreachable, one_line
 from .base import Backbone, Conditioning
 
 __all__ = ["StableDiffusionBackbone", "detect_sd_kind"]
@@ -79,11 +80,13 @@ class StableDiffusionBackbone(Backbone):
         try:
             pipe = pipe_cls.from_pretrained(str(path_or_id), **_dtype_kwarg(dtype), **extra, **kwargs)
         except (OSError, ValueError) as err:
-            raise OSError(
-                f"could not load a diffusers model from {str(path_or_id)!r}: {err}\n"
-                "Give a local diffusers directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                "scheduler/), a hub id reachable from this machine, or a single .safetensors checkpoint "
-                "(StableDiffusionBackbone.from_single_file)."
+            local = Path(path_or_id).expanduser().exists()
+            why = ("it is not a local path and the Hugging Face hub cannot be reached from here (offline?) nor is "
+                   "it in the local cache" if hub_unreachable(err) and not local else one_line(err))
+            raise ModelLoadError(
+                f"could not load a diffusers model from {str(path_or_id)!r}: {why}; give a local diffusers "
+                "directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single "
+                ".safetensors checkpoint, or a hub id reachable from this machine (or download it first)"
             ) from err
         if device is not None:
             pipe.to(device)
@@ -113,22 +116,24 @@ class StableDiffusionBackbone(Backbone):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         if kind not in ("sd15", "sdxl"):
-            raise ValueError(f"kind must be 'sd15' or 'sdxl' for a single-file checkpoint, got {kind!r}")
+            raise InputError(f"kind must be 'sd15' or 'sdxl' for a single-file checkpoint, got {kind!r}")
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"checkpoint file {str(p)!r} does not exist")
+            raise MissingFileError(f"checkpoint file {str(p)!r} does not exist")
         if p.suffix.lower() == ".safetensors":
-            _check_single_file_keys(p, kind)
+            with as_user_error():
+                _check_single_file_keys(p, kind)
         pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra: dict[str, Any] = {"safety_checker": None} if kind == "sd15" else {}
         if config is not None:
             config_dir = Path(config).expanduser()
             if config_dir.is_dir():
-                _check_single_file_config(config_dir, kind)
+                with as_user_error():
+                    _check_single_file_config(config_dir, kind)
                 extra["config"] = str(config_dir)
                 extra["local_files_only"] = True
             elif Path(config).is_absolute() or str(config).startswith((".", "~")) or str(config).count("/") > 1:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"single-file config directory {str(config)!r} does not exist (give a local diffusers directory "
                     f"of the {kind} architecture, or a hub id)"
                 )
@@ -139,17 +144,18 @@ class StableDiffusionBackbone(Backbone):
             pipe = pipe_cls.from_single_file(str(p), **_dtype_kwarg(dtype), **extra)
         except Exception as err:  # diffusers raises several error types here
             if "meta tensor" in str(err):  # weights the file lacks stay uninitialised and cannot be cast/moved
-                raise ValueError(
+                raise InputError(
                     f"could not load {str(p)!r} as a single-file {kind} checkpoint: the checkpoint lacks weights of "
-                    "a component the config describes (is it complete, and of the config's architecture?)\n"
+                    "a component the config describes (is it complete, and of the config's architecture?); "
                     f"(diffusers: {err})"
                 ) from err
-            raise ValueError(
-                f"could not load {str(p)!r} as a single-file {kind} checkpoint: {err}\n"
+            raise InputError(
+                f"could not load {str(p)!r} as a single-file {kind} checkpoint: {one_line(err)}; "
                 "Offline, pass config=<a local diffusers directory of the same architecture> so the component "
                 "configs and tokenizers need no download."
             ) from err
-        _check_no_missing_weights(pipe, p)
+        with as_user_error():
+            _check_no_missing_weights(pipe, p)
         if device is not None:
             pipe.to(device)
         return cls(pipe)

@@ -9,15 +9,20 @@ Examples::
     accelerate launch --num_processes 4 -m rdt_lib.train --config my.toml
     python -m rdt_lib.train --help                                      # every key with its default
 
-Exit status: 0 done, 2 configuration / input error, 3 stopped after too many NaN / inf steps, 130 interrupted
-(a checkpoint was saved; ``--resume latest`` continues).
+Exit status: 0 done, 2 configuration / input error (one ``error: ...`` line; ``--debug`` or ``RDT_DEBUG=1`` adds
+the traceback), 3 stopped after too many NaN / inf steps, 130 interrupted (a checkpoint was saved;
+``--resume latest`` continues).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from pathlib import Path
 from typing import Sequence
+
+from ..errors import run_cli
 
 __all__ = ["main", "build_parser", "load_cli_config"]
 
@@ -43,13 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as TOML and exit")
     parser.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors too (or set RDT_DEBUG=1)")
     return parser
 
 
 def load_cli_config(args: argparse.Namespace):
     """The validated :class:`TrainConfig` from parsed arguments (``--resume`` becomes ``run.resume``)."""
-    from .config import load_config
+    from .config import ConfigError, list_presets, load_config
 
+    for item in args.config:  # neither a file nor a preset: list the presets (not just "file does not exist")
+        presets = list_presets()
+        if not Path(item).expanduser().exists() and not Path(item).suffix and item not in presets:
+            close = difflib.get_close_matches(item, presets, n=1, cutoff=0.5)
+            raise ConfigError(f"--config {item!r} is neither a config file nor a preset; presets: "
+                              f"{', '.join(presets)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"run.resume={args.resume}")
@@ -57,7 +70,11 @@ def load_cli_config(args: argparse.Namespace):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, train, return the exit status."""
+    """Parse ``argv``, train, return the exit status (user errors: one ``error:`` line, status 2)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .config import ConfigError, list_presets, to_toml

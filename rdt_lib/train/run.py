@@ -39,10 +39,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..atomic_io import write_text_atomic
+from ..atomic_io import write_image_atomic, write_text_atomic
 from ..lora import add_lora
 from ..lora_io import kohya_metadata, save_lora_safetensors, unet_lora_to_kohya
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .checkpoint import (CheckpointManager, capture_rng_state, check_output_dir, estimate_checkpoint_bytes,
+                         restore_rng_state)
 from .config import ConfigError, TrainConfig, config_hash, to_toml
 from .trainer import NonFiniteLossError, RewardTrainer, TrainerSettings
 
@@ -303,17 +304,24 @@ class RunCheckpoints:
                                          is_main_process=run.accelerator.is_main_process)
         self.config_text = to_toml(run.config)
         self.last: Path | None = None
+        if run.accelerator.is_main_process:  # before the first step: writable, room for a checkpoint and the LoRA
+            trainer = run.trainer
+            n_params = sum(p.numel() for p in trainer.param_list)
+            check_output_dir(run.out_dir, estimate_checkpoint_bytes(
+                n_params, len(trainer.param_list), ema=trainer.ema is not None,
+                export_bytes=_DTYPES[run.config.checkpoint.lora_dtype].itemsize),
+                what=f"one checkpoint of {n_params:,} LoRA parameters with optimizer state, and the LoRA")
 
     def resume(self) -> Path | None:
         """Load ``run.resume`` ('' = nothing, 'latest' or a directory) into the trainer and the RNGs."""
         config, trainer, acc = self.run.config, self.run.trainer, self.run.accelerator
         if not config.run.resume:
             return None
-        ckpt = self.manager.latest() if config.run.resume == "latest" else Path(config.run.resume).expanduser()
+        state, ckpt = self.manager.load_for_resume(
+            config.run.resume, log=self.run.log, expected_lora={k: p.shape for k, p in trainer.params.items()})
         if ckpt is None:
             self.run.log(f"resume = latest: no checkpoint in {self.run.out_dir} yet, starting from scratch")
             return None
-        state = self.manager.load(ckpt)
         trainer.load_state_dict(state)
         rng = state.get("rng")
         if isinstance(rng, list) and len(rng) == acc.num_processes:
@@ -376,10 +384,7 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_image_atomic(path, Image.fromarray(arr), format="PNG")
 
 
 @torch.no_grad()
