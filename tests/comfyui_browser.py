@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,8 +195,19 @@ class ComfyPage:
         self.driver = driver
         self.url = server_url.rstrip("/") + "/"
 
+    # A fresh user folder makes the frontend open its templates browser (first run) over the canvas.
+    FIRST_RUN_SETTINGS = {"Comfy.TutorialCompleted": True}
+
+    def _post_setting(self, key: str, value: Any) -> None:
+        req = urllib.request.Request(f"{self.url}api/settings/{key}", data=json.dumps(value).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+
     def open(self, timeout: float = 180.0) -> None:
-        """Load the page and wait until ``window.app.graph`` exists."""
+        """Load the page (first-run templates dialog turned off) and wait until ``window.app.graph`` exists."""
+        for key, value in self.FIRST_RUN_SETTINGS.items():
+            self._post_setting(key, value)
         self.driver.get(self.url)
         deadline = time.monotonic() + timeout
         while not self.driver.execute_script("return !!(window.app && window.app.graph && window.LiteGraph)"):
@@ -249,6 +261,9 @@ class ComfyPage:
         time.sleep(0.3)
 
     def screenshot(self, path: str | Path) -> Path:
+        """Save a PNG of the page (the canvas redrawn first)."""
+        self.driver.execute_script("window.app.graph.setDirtyCanvas(true, true);")
+        time.sleep(0.5)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.driver.save_screenshot(str(path))

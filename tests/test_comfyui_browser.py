@@ -194,6 +194,7 @@ def test_workflow_loads_and_runs_in_the_browser(page, comfy_server, comfy_models
             time.sleep(0.5)
         prompt_ids = sorted(set(comfy_server._get("/history").keys()) - before)
     assert prompt_ids, f"{name}: queueing from the page produced no prompt"
+    print(f"{name}: queued {prompt_ids} from the page")
     for pid in prompt_ids:
         entry = comfy_server.wait(pid, timeout=900)
         status = entry.get("status") or {}
