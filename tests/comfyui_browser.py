@@ -3,7 +3,8 @@ the page made of it, queue it from the page.
 
 Facts this relies on (SPEC 5.3, found by trying the 0.3.75 host with frontend 1.32.x): the page is ready when
 ``window.app.graph`` exists; ``app.loadGraphData(workflow)`` loads a UI-format workflow like a drop and returns a
-promise; unknown node types open a ``.p-dialog`` titled "This workflow has missing nodes"; a workflow failing the
+promise; unknown node types open a ``.p-dialog`` titled "This workflow has missing nodes" (frontend 1.27 of
+ComfyUI 0.3.64: "Some Nodes Are Missing"); a workflow failing the
 frontend's schema raises an alert "Invalid workflow against zod schema: ..." (the graph is still drawn);
 ``LiteGraph.registered_node_types`` holds the registered types.
 
@@ -26,7 +27,8 @@ from typing import Any
 
 BROWSER_HINT = ("browser tests need Chromium and selenium: apt-get install -y chromium chromium-driver; "
                 "pip install selenium (in rdt's [test] extras)")
-MISSING_NODES_TITLE = "This workflow has missing nodes"
+# The missing-nodes dialog's title differs between frontends: 1.32 (ComfyUI 0.3.75) and 1.27 (0.3.64).
+MISSING_NODES_TITLES = {"1.32": "This workflow has missing nodes", "1.27": "Some Nodes Are Missing"}
 ZOD_ALERT = "Invalid workflow against zod schema"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -224,7 +226,8 @@ class ComfyPage:
         data = self.driver.execute_script(_INSPECT)
         return LoadReport(
             load_error=error,
-            missing_nodes_dialogs=[d for d in data["dialogs"] if MISSING_NODES_TITLE in d],
+            missing_nodes_dialogs=[d for d in data["dialogs"]
+                                   if any(title in d for title in MISSING_NODES_TITLES.values())],
             alerts=[a for a in data["alerts"] if a],
             registered_types=set(data["registered"]),
             node_count=int(data["nodes"]),

@@ -3,7 +3,7 @@ in headless Chromium: loaded as a drop loads it (``app.loadGraphData``), it open
 every node type is registered, node / link counts and widget values are those of the file, the frontend's
 schema check raises no alert; then it is queued from the page and runs on the random checkpoint (checkpoint,
 latent size and missing LoRA files swapped for test ones), and a screenshot is saved per workflow under
-``outputs/tests/browser/`` (``RDT_TEST_OUTPUT`` to change).
+``outputs/tests/browser/comfyui-<version>/`` (``RDT_TEST_OUTPUT`` to change).
 
 A workflow of core nodes only, written by the test, proves the harness whatever ``workflows/`` holds; two
 broken variants of it prove that the missing-nodes and schema checks fire.
@@ -204,17 +204,20 @@ def test_workflow_loads_and_runs_in_the_browser(page, comfy_server, comfy_models
         if path is None:
             latents = comfy_server.output_files(entry, node_id="6", kind="latents")
             assert latents and cs.read_latent(latents[0]).shape == (1, 4, 8, 8)
-    shot = page.screenshot(SCREENSHOTS / f"{name}.png")
+    shot = page.screenshot(SCREENSHOTS / f"comfyui-{comfy_server.version or 'unknown'}" / f"{name}.png")
     assert shot.stat().st_size > 10_000, "the screenshot is (nearly) empty"
 
 
-def test_harness_sees_a_missing_node(page):
+def test_harness_sees_a_missing_node(page, comfy_server):
     wf = core_workflow()
     wf["nodes"][5]["type"] = "RdtNoSuchNodeForTheHarness"
     report = page.load(wf)
     try:
         assert report.missing_nodes_dialogs, "no missing-nodes dialog for an unknown node type"
         assert "RdtNoSuchNodeForTheHarness" in report.missing_nodes_dialogs[0]
+        # The two hosts' frontends title the dialog differently; each host shows its own title.
+        expected = cb.MISSING_NODES_TITLES["1.27" if comfy_server.version == "0.3.64" else "1.32"]
+        assert expected in report.missing_nodes_dialogs[0], (comfy_server.version, report.missing_nodes_dialogs)
         assert "RdtNoSuchNodeForTheHarness" not in report.registered_types
         with pytest.raises(AssertionError, match="missing-nodes dialog"):
             check_loaded(report, wf, "broken")
