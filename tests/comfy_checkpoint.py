@@ -4,9 +4,9 @@ What ComfyUI needs (``comfy/model_detection.py``, ``comfy/sd.py``, ``comfy/suppo
 
 - UNet (``model.diffusion_model.``): SD15 is picked by ``model_channels`` 320, ``context_dim`` 768 and
   ``use_linear_in_transformer`` False; block count, ``channel_mult``, res-blocks and transformer depths are read
-  from the keys, so a UNet with two blocks of 320 channels, one res-block each and attention in the first block only
-  is built at that size (``channel_mult`` 1,1). This is the part that makes sampling cheap (8x8 latents for
-  64x64 images).
+  from the keys, so a UNet with two blocks of 320 channels (``channel_mult`` 1,1), one res-block each and
+  attention in the first block and the middle only is built at that size (checked on ComfyUI 0.3.64 and
+  0.3.75). This is the part that makes sampling cheap (8x8 latents for 64x64 images).
 - VAE (``first_stage_model.``): ComfyUI builds the SD VAE at its fixed size (``ch`` 128, ``ch_mult`` 1,2,4,4, two
   res-blocks) and loads the weights into it, so the VAE must have exactly that shape.
 - Text encoder (``cond_stage_model.transformer.``): ComfyUI builds CLIP-L (768 wide, 12 layers, 49408 tokens) from

@@ -175,7 +175,8 @@ _WIDGETS = """
 const out = [];
 for (const node of window.app.graph._nodes) {
   out.push({id: node.id, type: node.type, widgets: (node.widgets || []).map(w => ({
-    name: w.name, value: w.value, options: (w.options && Array.isArray(w.options.values)) ? w.options.values : null}))});
+    name: w.name, value: w.value,
+    options: (w.options && Array.isArray(w.options.values)) ? w.options.values : null}))});
 }
 return out;
 """

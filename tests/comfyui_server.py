@@ -203,8 +203,8 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited with status {self.proc.returncode} while starting; "
                                    f"log {self.log_path}:\n{self.log_text()[-6000:]}")
             try:
-                self._get("/object_info/KSampler", timeout=5)
-                self._get("/object_info", timeout=60)
+                self.get_json("/object_info/KSampler", timeout=5)
+                self.get_json("/object_info", timeout=60)
                 return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
@@ -253,7 +253,8 @@ class ComfyServer:
         self.stop()
 
     # ---- HTTP ------------------------------------------------------------------------------------------
-    def _get(self, path: str, timeout: float = 30.0) -> Any:
+    def get_json(self, path: str, timeout: float = 30.0) -> Any:
+        """``GET <url><path>`` (e.g. ``/history``, ``/queue``, ``/system_stats``) decoded from JSON."""
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read().decode("utf-8"))
 
@@ -273,7 +274,7 @@ class ComfyServer:
 
     def object_info(self, node_class: str | None = None) -> dict:
         """``GET /object_info`` (every registered node) or ``/object_info/<node_class>`` (that node only)."""
-        return self._get("/object_info" if node_class is None else f"/object_info/{node_class}", timeout=120)
+        return self.get_json("/object_info" if node_class is None else f"/object_info/{node_class}", timeout=120)
 
     def queue(self, graph: Mapping[str, Any], client_id: str | None = None) -> str:
         """``POST /prompt`` with an API-format graph ``{id: {"class_type", "inputs"}}``; returns the prompt id.
@@ -291,7 +292,7 @@ class ComfyServer:
 
     def history(self, prompt_id: str) -> dict | None:
         """The ``/history/<prompt_id>`` entry, or ``None`` while the prompt has not finished."""
-        return self._get(f"/history/{prompt_id}").get(prompt_id)
+        return self.get_json(f"/history/{prompt_id}").get(prompt_id)
 
     def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
         """Poll ``/history`` until the prompt finished (successfully or not); returns its history entry

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -166,7 +167,8 @@ def prepare_for_test_run(page: cb.ComfyPage, models_dir: Path) -> list[str]:
             elif node["type"] in LATENT_SIZE_NODES and name in ("width", "height") and value != TEST_SIZE:
                 page.set_widget(node["id"], name, TEST_SIZE)
                 changes.append(f"{node['type']}#{node['id']}.{name}: {value} -> {TEST_SIZE}")
-            elif name == "lora_name" and isinstance(value, str) and value and not (models_dir / "loras" / value).exists():
+            elif (name == "lora_name" and isinstance(value, str) and value
+                  and not (models_dir / "loras" / value).exists()):
                 _write_stand_in_lora(models_dir / "loras" / value)
                 changes.append(f"{node['type']}#{node['id']}.lora_name: stand-in file {value}")
     return changes
@@ -185,14 +187,13 @@ def test_workflow_loads_and_runs_in_the_browser(page, comfy_server, comfy_models
     check_loaded(report, workflow, name)
 
     prepare_for_test_run(page, comfy_models)
-    before = set(comfy_server._get("/history").keys())
+    before = set(comfy_server.get_json("/history"))
     prompt_ids = page.queue()
     if not prompt_ids:  # the page's api wrapper saw nothing: fall back to what /history gained
-        import time
         deadline = time.monotonic() + 600
-        while not (set(comfy_server._get("/history").keys()) - before) and time.monotonic() < deadline:
+        while not (set(comfy_server.get_json("/history")) - before) and time.monotonic() < deadline:
             time.sleep(0.5)
-        prompt_ids = sorted(set(comfy_server._get("/history").keys()) - before)
+        prompt_ids = sorted(set(comfy_server.get_json("/history")) - before)
     assert prompt_ids, f"{name}: queueing from the page produced no prompt"
     print(f"{name}: queued {prompt_ids} from the page")
     for pid in prompt_ids:
