@@ -25,7 +25,7 @@ import torch
 
 from .atomic_io import write_bytes_atomic, write_text_atomic
 from .backbones.toy2d import TOY_LORA_TARGETS, GaussianMixture2D, ToyBackbone, ToyDenoiser, train_toy_base
-from .dual import ModelBranch
+from .denoisers import ModelBranch
 from .evaluation.mode_coverage import mode_statistics
 from .lora import add_lora
 from .objectives.draft import DraftK
@@ -98,7 +98,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     add_lora(backbone.network, "tuned", rank=cfg.lora_rank, target_modules=TOY_LORA_TARGETS)
     trainer = RewardTrainer(
         backbone,
-        DraftK(num_steps=cfg.sample_steps, k=cfg.draft_k, adapter="tuned", scheduler="ddim"),
+        DraftK(num_steps=cfg.sample_steps, k=cfg.draft_k, adapter="tuned", sampler="ddim", scheduler="normal"),
         reward,
         [""],
         settings=TrainerSettings(lr=cfg.draft_lr, batch_size=cfg.draft_batch, grad_clip=10.0, seed=cfg.seed),
