@@ -47,7 +47,8 @@ class SamplingObjective:
         num_steps: sampling steps of a training trajectory.
         adapter: the trained LoRA adapter's name.
         cfg_scale: classifier-free guidance scale of training samples (``None``: the backbone's default).
-        scheduler: the sigma list (see :data:`rdt_lib.sampling.SCHEDULERS`); a legacy combined name (``ddim``,
+        scheduler: the sigma list (see :data:`rdt_lib.sampling.SCHEDULERS`); a legacy combined name (``ddim``, the
+            default: DDIM on its uniform timesteps,
             ``ddpm``, ``dpmpp_2m_karras`` ...) also sets the sampler.
         sampler: the step rule (:data:`rdt_lib.sampling.SAMPLERS`); ``None``: from ``scheduler``, else ``ddim``.
         eta: DDIM eta in [0, 1] (0 = deterministic).
@@ -63,7 +64,7 @@ class SamplingObjective:
     num_steps: int = 25
     adapter: str = "tuned"
     cfg_scale: float | None = None
-    scheduler: str = "normal"
+    scheduler: str = "ddim"
     sampler: str | None = None
     eta: float = 0.0
     eta_range: tuple[float, float] | None = None
