@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .mix import Denoise
+
 __all__ = [
     "SAMPLER_NAMES",
     "SAMPLERS",
@@ -47,7 +49,6 @@ __all__ = [
     "get_sampler",
 ]
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 NoiseSampler = Callable[[float, float], torch.Tensor]
 
@@ -98,7 +99,7 @@ def _is_flow(denoiser: Any, model_sampling: Any) -> bool:
     return bool(getattr(_model_sampling(denoiser, model_sampling), "is_flow", False))
 
 
-def _call(denoiser: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
+def _call(denoiser: Denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
     return denoiser(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device))
 
 
@@ -116,7 +117,7 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
     return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 
-def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_euler(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                  grad_steps: Callable[[int], bool] | None = None, **_: Any) -> torch.Tensor:
     """Euler: ``x += (x - D(x, sigma)) / sigma * (sigma_next - sigma)`` (Karras et al. 2022, Algorithm 2, no churn)."""
     s = _floats(sigmas)
@@ -157,7 +158,7 @@ def _ancestral(denoiser, x, s, callback, grad_steps, eta, s_noise, noise_sampler
     return x
 
 
-def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_euler_ancestral(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                            grad_steps: Callable[[int], bool] | None = None, eta: Any = 1.0, s_noise: float = 1.0,
                            noise_sampler: NoiseSampler | None = None, model_sampling: Any = None,
                            **_: Any) -> torch.Tensor:
@@ -167,7 +168,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callb
                       _is_flow(denoiser, model_sampling))
 
 
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_ddim(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                 grad_steps: Callable[[int], bool] | None = None, eta: Any = 0.0, s_noise: float = 1.0,
                 noise_sampler: NoiseSampler | None = None, model_sampling: Any = None, **_: Any) -> torch.Tensor:
     """DDIM with ``eta`` (float or per-step ``eta(i)``; 0 = deterministic, ComfyUI's ``ddim``, an Euler step).
@@ -179,7 +180,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callba
                       _is_flow(denoiser, model_sampling))
 
 
-def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                 grad_steps: Callable[[int], bool] | None = None, **_: Any) -> torch.Tensor:
     """Heun: an Euler step, a second evaluation at ``sigma_next`` and the averaged slope (plain Euler when
     ``sigma_next`` is 0). Two evaluations per step: the second one is at ``sigmas[i + 1]``."""
@@ -199,7 +200,7 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callba
     return x
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_dpmpp_2m(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                     grad_steps: Callable[[int], bool] | None = None, **_: Any) -> torch.Tensor:
     """DPM-Solver++(2M) in ``t = -log(sigma)``: the second-order correction from the previous step's ``D``
     (first order on the first step and on the step to sigma 0)."""
@@ -239,7 +240,7 @@ def _offset_first_sigma(s: list[float], ms: Any) -> list[float]:
     return s
 
 
-def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_dpmpp_2m_sde(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                         grad_steps: Callable[[int], bool] | None = None, eta: Any = 1.0, s_noise: float = 1.0,
                         noise_sampler: NoiseSampler | None = None, model_sampling: Any = None,
                         solver_type: str = "midpoint", **_: Any) -> torch.Tensor:
@@ -278,7 +279,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback
     return x
 
 
-def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_dpmpp_sde(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                      grad_steps: Callable[[int], bool] | None = None, eta: Any = 1.0, s_noise: float = 1.0,
                      noise_sampler: NoiseSampler | None = None, model_sampling: Any = None, r: float = 0.5,
                      **_: Any) -> torch.Tensor:
@@ -318,7 +319,7 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: C
     return x
 
 
-def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
+def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas, *, callback: Callback | None = None,
                 grad_steps: Callable[[int], bool] | None = None, noise_sampler: NoiseSampler | None = None,
                 model_sampling: Any = None, **_: Any) -> torch.Tensor:
     """DDPM's ancestral step (the posterior mean plus its std times fresh noise), taken in the VP frame

@@ -59,7 +59,6 @@ class Backbone:
         network: the denoising network (UNet, MLP) that LoRA adapters are added to.
         conditional: whether prompts change the prediction (False: classifier-free guidance is not
             available and every CFG scale must be 1).
-        prediction_type: what ``network`` predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         scheduler_config: the diffusers scheduler config the network was trained with (``num_train_timesteps``,
             ``beta_schedule``, ``prediction_type`` ...); :attr:`model_sampling` is built from it.
         default_cfg: the usual classifier-free guidance scale for this family (7.5 SD1.5, 5 SDXL, 1 toy).
@@ -67,7 +66,6 @@ class Backbone:
 
     network: torch.nn.Module
     conditional: bool = True
-    prediction_type: str = "epsilon"
     scheduler_config: Mapping[str, Any]
     default_cfg: float = 1.0
 
