@@ -94,8 +94,15 @@ class DiscreteVP:
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The training timestep nearest to ``sigma`` in log-sigma (an argmin; float tensor of integers)."""
         s = torch.as_tensor(sigma, dtype=torch.float32)
-        dists = s.log().reshape(-1).cpu()[None, :] - self.log_sigmas[:, None]
-        return dists.abs().argmin(dim=0).reshape(s.shape).to(torch.float32).to(s.device)
+        table = self._log_sigmas_on(s.device)  # no host round trip on a GPU
+        dists = s.log().reshape(-1)[None, :] - table[:, None]
+        return dists.abs().argmin(dim=0).reshape(s.shape).to(torch.float32)
+
+    def _log_sigmas_on(self, device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_log_sigmas_by_device", {})
+        if device not in cache:
+            cache[device] = self.log_sigmas.to(device)
+        return cache[device]
 
     def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
         """Sigma at a (fractional) timestep: log-sigma interpolated linearly between integer timesteps."""
