@@ -51,7 +51,7 @@ def test_gradient_flows_only_through_the_last_k_steps(trained_toy):
     add_lora(bb.network, "tuned", rank=2, target_modules=TOY_LORA_TARGETS, init_lora_weights=False)
     reward = toy_reward(mixture)
     params = list(lora_parameters(bb.network, "tuned").values())
-    out = DraftK(num_steps=6, k=1)(bb, reward, [""] * 8, list(range(8)))
+    out = DraftK(num_steps=6, k=1, scheduler="normal")(bb, reward, [""] * 8, list(range(8)))
     g_draft = torch.autograd.grad(out.loss, params, allow_unused=True)
 
     # independent computation: 5 Euler (DDIM, eta 0) steps without grad on the "normal" sigma list, then one with
