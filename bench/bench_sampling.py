@@ -34,7 +34,7 @@ diffusers_logging.set_verbosity_error()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from rdt_lib.backbones.base import Backbone, Conditioning  # noqa: E402
-from rdt_lib.dual import ModelBranch  # noqa: E402
+from rdt_lib.denoisers import ModelBranch  # noqa: E402
 from rdt_lib.lora import add_lora  # noqa: E402
 from rdt_lib.sampling import sample  # noqa: E402
 
@@ -194,7 +194,7 @@ def main() -> None:
         print(json.dumps({"bytes": memory_of(args.memory_child, args)}))
         return
 
-    print(f"device {args.device}, dtype {args.dtype}, UNet '{args.size}', batch {args.batch}, {args.steps} DDIM steps, "
+    print(f"device {args.device}, dtype {args.dtype}, UNet '{args.size}', batch {args.batch}, {args.steps} DDIM steps (normal sigmas), "
           f"{args.height}x{args.width}, CFG 7.5 on both models, LoRA rank 32 on to_q/k/v/out, "
           f"torch threads {torch.get_num_threads()}")
     times = time_modes(args, DTYPES[args.dtype])

@@ -25,12 +25,17 @@ import torch
 
 from .atomic_io import write_bytes_atomic, write_text_atomic
 from .backbones.toy2d import TOY_LORA_TARGETS, GaussianMixture2D, ToyBackbone, ToyDenoiser, train_toy_base
-from .dual import ModelBranch
+from .denoisers import ModelBranch
 from .evaluation.mode_coverage import mode_statistics
 from .lora import add_lora
 from .objectives.draft import DraftK
 from .sampling import sample
 from .train.trainer import RewardTrainer, TrainerSettings
+
+# "simple": every (1000 / steps)-th training sigma from the top (diffusers' "trailing" spacing). The last step starts
+# at a real noise level (t = 1000 / steps - 1), so DRaFT-1's one gradient step can move the samples; "normal" and
+# "ddim_uniform" spend their last step at t <= 1, where the model barely changes anything.
+SIGMAS = "simple"
 
 __all__ = ["DemoConfig", "run_demo", "main"]
 
@@ -98,7 +103,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     add_lora(backbone.network, "tuned", rank=cfg.lora_rank, target_modules=TOY_LORA_TARGETS)
     trainer = RewardTrainer(
         backbone,
-        DraftK(num_steps=cfg.sample_steps, k=cfg.draft_k, adapter="tuned", scheduler="ddim"),
+        DraftK(num_steps=cfg.sample_steps, k=cfg.draft_k, adapter="tuned", sampler="ddim", scheduler=SIGMAS),
         reward,
         [""],
         settings=TrainerSettings(lr=cfg.draft_lr, batch_size=cfg.draft_batch, grad_clip=10.0, seed=cfg.seed),
@@ -114,7 +119,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     prompts = [""] * cfg.n_samples
     for label, spec, scale in _methods(cfg):
         tuned = ModelBranch(backbone, adapter="tuned", lora_scale=scale)
-        res = sample(backbone, prompts, tuned=tuned, schedule=spec, num_steps=cfg.sample_steps,
+        res = sample(backbone, prompts, tuned=tuned, schedule=spec, num_steps=cfg.sample_steps, scheduler=SIGMAS,
                      seeds=10_000 * (cfg.seed + 1))
         pts = res.images
         stats = mode_statistics(pts, mixture)

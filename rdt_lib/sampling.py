@@ -1,60 +1,74 @@
-"""Sampling loops over diffusers schedulers, for one model or a dual-model pair.
+"""Sampling for users: prompts in, latents and images out, with one model or a base + tuned pair.
 
-:func:`denoise` is the plain loop (a denoiser callable, a scheduler, latents); :func:`sample` wraps it
-with prompt encoding, classifier-free guidance, seeds and decoding. The trainer uses :func:`denoise`
-too, with gradients switched on for chosen steps.
+:func:`sample` encodes the prompts, builds each model's guided denoiser (:mod:`rdt_lib.denoisers`), mixes them
+by a schedule over the sampler's sigmas (:class:`rdt_lib.mix.DualDenoiser`, both models in one batched pass
+where they share a network), draws seeded noise, runs a sampler (:mod:`rdt_lib.samplers`) over a sigma list
+(:mod:`rdt_lib.sigma_schedules`) and decodes. :func:`run_sampler` is the loop the trainer shares: a sampler over a
+slice of a sigma list with gradients switched on for chosen steps.
+
+Names are ComfyUI's: ``sampler`` is the step rule (:data:`SAMPLERS`), ``scheduler`` the sigma list
+(:data:`SCHEDULERS`). The older combined names ``ddim``, ``ddpm``, ``euler``, ``euler_a``, ``dpmpp_2m``,
+``dpmpp_2m_karras`` are still accepted as ``scheduler`` (see :data:`LEGACY_SCHEDULER_NAMES`).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
 
 from .backbones.base import Backbone
-from .dual import DualModelDenoiser, GuidedModel, ModelBranch
+from .denoisers import GuidedDenoiser, ModelBranch, joint_denoiser
+from .mix import DualDenoiser
+from .model_sampling import ModelSampling
+from .samplers import SAMPLER_NAMES, STOCHASTIC, RowNoise, get_sampler
 from .schedules import Schedule, parse_schedule
+from .sigma_schedules import SCHEDULER_NAMES, sigmas_for
 
-__all__ = ["SCHEDULERS", "make_scheduler", "initial_noise", "denoise", "sample", "SampleResult"]
+__all__ = [
+    "SAMPLERS",
+    "SCHEDULERS",
+    "LEGACY_SCHEDULER_NAMES",
+    "resolve_sampler",
+    "initial_noise",
+    "starting_latent",
+    "run_sampler",
+    "sample",
+    "SampleResult",
+]
 
-# name -> (scheduler class, config overrides)
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
+SAMPLERS: tuple[str, ...] = SAMPLER_NAMES
+"""Sampler names: euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde, ddpm, ddim."""
+
+#: the older combined sampler+schedule names -> (sampler, scheduler); ``ddim``/``ddpm`` keep DDIM's uniform timesteps
+LEGACY_SCHEDULER_NAMES: dict[str, tuple[str, str]] = {
+    "ddim": ("ddim", "ddim_uniform"),
+    "ddpm": ("ddpm", "ddim_uniform"),
+    "euler": ("euler", "normal"),
+    "euler_a": ("euler_ancestral", "normal"),
+    "dpmpp_2m": ("dpmpp_2m", "normal"),
+    "dpmpp_2m_karras": ("dpmpp_2m", "karras"),
 }
-_ALIASES = {"dpm++2m": "dpmpp_2m", "dpm++_2m": "dpmpp_2m", "dpm++2m_karras": "dpmpp_2m_karras", "euler_ancestral": "euler_a"}
 
-# Denoiser signature: (latents scaled for the model, timestep, step index, number of steps) -> prediction
-Denoiser = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+SCHEDULERS: tuple[str, ...] = SCHEDULER_NAMES + tuple(LEGACY_SCHEDULER_NAMES)
+"""Every name the ``scheduler`` argument accepts: the sigma lists (normal, karras, exponential, sgm_uniform,
+simple, ddim_uniform, beta) and the legacy combined names of :data:`LEGACY_SCHEDULER_NAMES`."""
 
 
-def make_scheduler(name: str, config: Mapping[str, Any]):
-    """A fresh diffusers scheduler ``name`` (one of :data:`SCHEDULERS`) built from a model's scheduler config.
-
-    Every scheduler named here makes exactly one model evaluation per step, so the step index of the
-    loop is the sampling step index the schedules use.
-    """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULERS)}")
-    cls, overrides = SCHEDULERS[key]
-    return cls.from_config({**dict(config), **overrides})
+def resolve_sampler(sampler: str | None, scheduler: str) -> tuple[str, str]:
+    """``(sampler, scheduler)`` from the arguments: a legacy combined ``scheduler`` name sets both (an explicit
+    ``sampler`` then wins); otherwise ``sampler`` (default ``ddim``) and the sigma list ``scheduler``."""
+    key = scheduler.lower()
+    if key in LEGACY_SCHEDULER_NAMES:
+        legacy_sampler, legacy_scheduler = LEGACY_SCHEDULER_NAMES[key]
+        return (sampler or legacy_sampler), legacy_scheduler
+    if key not in SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler {scheduler!r}; accepted: {', '.join(SCHEDULERS)}")
+    name = (sampler or "ddim").lower()
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
+    return name, key
 
 
 def initial_noise(
@@ -63,91 +77,99 @@ def initial_noise(
     """Standard-normal noise ``[len(seeds), *shape]``, row ``b`` drawn from a CPU generator seeded ``seeds[b]``.
 
     The same seed gives the same row whatever the batch around it. The generators are returned so the
-    sampler's own noise (DDPM, ancestral steps) continues from them.
+    sampler's own noise (ancestral and SDE steps, :class:`rdt_lib.samplers.RowNoise`) continues from them.
     """
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
     return noise.to(device=device, dtype=dtype), gens
 
 
-def _step_kwargs(scheduler, generator, eta: float | None) -> dict[str, Any]:
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs: dict[str, Any] = {}
-    if "generator" in params and generator is not None:
-        kwargs["generator"] = generator
-    if "eta" in params and eta is not None:
-        kwargs["eta"] = eta
-    return kwargs
+def starting_latent(model_sampling: ModelSampling, sigmas: torch.Tensor, noise: torch.Tensor,
+                    latent: torch.Tensor | None = None, max_denoise: bool | None = None) -> torch.Tensor:
+    """The sampler's starting point at ``sigmas[0]`` from unit-variance ``noise`` (ComfyUI's KSampler rule).
+
+    VP models: ``latent + noise * sqrt(1 + sigma0^2)`` when ``max_denoise`` (by default: when ``sigmas[0]`` is the
+    model's ``sigma_max`` or above, a full denoise from pure noise), else ``latent + noise * sigma0``; flow
+    models: ``sigma0 * noise + (1 - sigma0) * latent``. ``latent`` ``None`` = an empty (zero) latent.
+    """
+    s0 = float(sigmas[0])
+    if max_denoise is None:
+        top = model_sampling.sigma_max
+        max_denoise = abs(s0 - top) <= 1e-5 * abs(top) or s0 > top
+    return model_sampling.noise_scaling(s0, noise.float(), None if latent is None else latent.float(), max_denoise)
 
 
-def denoise(
-    denoiser: Denoiser,
-    scheduler,
-    latents: torch.Tensor,
-    num_steps: int,
+def run_sampler(
+    sampler: str,
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
     *,
     start_step: int = 0,
     end_step: int | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    eta: float | Callable[[int], float] | None = None,
     grad_steps: Callable[[int], bool] | None = None,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
-    set_timesteps: bool = True,
+    eta: float | Callable[[int], float] | None = None,
+    noise_sampler: Callable[[float, float], torch.Tensor] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    model_sampling: ModelSampling | None = None,
 ) -> torch.Tensor:
-    """Run scheduler steps ``start_step .. end_step-1`` of an ``num_steps``-step schedule.
+    """Run steps ``start_step .. end_step - 1`` of the sigma list ``sigmas`` with the sampler ``sampler``.
 
-    Args:
-        denoiser: called as ``denoiser(model_input, t, i, num_steps)`` where ``model_input`` is the
-            scheduler-scaled latent, ``t`` the timestep (training units) and ``i`` the step index.
-        latents: the current sample at step ``start_step`` (for ``start_step = 0``: noise already
-            multiplied by ``scheduler.init_noise_sigma``).
-        eta: DDIM's eta (0 = deterministic); a callable gets the step index (random eta per step).
-        grad_steps: which step indices run with autograd on (default none: the loop runs under
-            ``torch.no_grad``). DRaFT-K passes ``lambda i: i >= num_steps - K``.
-        callback: called after every step as ``callback(i, num_steps, latents)``.
-        set_timesteps: call ``scheduler.set_timesteps(num_steps)`` first (False to keep a prepared scheduler).
-    Returns:
-        The latents after step ``end_step - 1`` (default: the final, fully denoised latents).
+    ``x`` is the latent at ``sigmas[start_step]``. Step indices given to ``grad_steps``, ``eta`` and the callback's
+    ``info["i"]`` are those of the full list. ``grad_steps`` default: no step runs with autograd (DRaFT-K passes
+    ``lambda i: i >= n - K``). A multistep sampler (dpmpp_2m) starts its history afresh at ``start_step``.
     """
-    if set_timesteps:
-        scheduler.set_timesteps(num_steps, device=latents.device)
-    timesteps = scheduler.timesteps
-    if len(timesteps) != num_steps:
-        raise ValueError(
-            f"scheduler {type(scheduler).__name__} has {len(timesteps)} timesteps for {num_steps} steps; "
-            f"only one-evaluation-per-step schedulers are supported: {', '.join(SCHEDULERS)}"
-        )
-    end = num_steps if end_step is None else end_step
-    if not 0 <= start_step <= end <= num_steps:
-        raise ValueError(f"need 0 <= start_step <= end_step <= num_steps, got {start_step}, {end}, {num_steps}")
-    if hasattr(scheduler, "set_begin_index"):
-        # index steps by position, not by looking the timestep up (duplicate timesteps would confuse that)
-        scheduler.set_begin_index(start_step)
-    for i in range(start_step, end):
-        t = timesteps[i]
-        with torch.set_grad_enabled(bool(grad_steps(i)) if grad_steps is not None else False):
-            model_input = scheduler.scale_model_input(latents, t)
-            pred = denoiser(model_input, t, i, num_steps)
-            step_eta = eta(i) if callable(eta) else eta
-            latents = scheduler.step(pred, t, latents, **_step_kwargs(scheduler, generator, step_eta)).prev_sample
-        if callback is not None:
-            callback(i, num_steps, latents)
-    return latents
+    fn = get_sampler(sampler)
+    n = len(sigmas) - 1
+    end = n if end_step is None else end_step
+    if not 0 <= start_step <= end <= n:
+        raise ValueError(f"need 0 <= start_step <= end_step <= {n} steps, got {start_step}, {end}")
+    if start_step == end:
+        return x
+    offset = start_step
+    kwargs: dict[str, Any] = {
+        "grad_steps": (lambda i: False) if grad_steps is None else (lambda i: bool(grad_steps(i + offset))),
+        "model_sampling": model_sampling,
+    }
+    if callback is not None:
+        kwargs["callback"] = lambda info: callback({**info, "i": info["i"] + offset})
+    if sampler in STOCHASTIC:
+        if eta is not None:
+            kwargs["eta"] = (lambda i: eta(i + offset)) if callable(eta) else eta
+        kwargs["noise_sampler"] = noise_sampler
+    elif eta is not None and (callable(eta) or eta != 0):
+        raise ValueError(f"eta applies to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}), not {sampler!r}")
+    return fn(denoiser, x, sigmas[start_step:end + 1], **kwargs)
 
 
 @dataclass
 class SampleResult:
-    """Output of :func:`sample`: final latents, decoded images ``[B, C, H, W]`` in [0, 1] (or None), the
-    seeds used, and per-model evaluation counts."""
+    """Output of :func:`sample`: final latents, decoded images ``[B, C, H, W]`` in [0, 1] (or None), the seeds
+    used, per-model evaluation counts (``base``, ``tuned``, ``joint`` calls) and the sigma list sampled."""
 
     latents: torch.Tensor
     images: torch.Tensor | None
     seeds: list[int]
     evaluations: dict[str, int]
+    sigmas: torch.Tensor | None = None
 
 
 def _as_branch(model: ModelBranch | Backbone) -> ModelBranch:
     return model if isinstance(model, ModelBranch) else ModelBranch(model)
+
+
+def _denoisers(base: ModelBranch, tuned: ModelBranch | None, prompts: list[str], negatives: list[str]):
+    bb = base.backbone
+    needs_uncond = base.guidance != 1.0 or (tuned is not None and tuned.backbone is bb and tuned.guidance != 1.0)
+    with torch.no_grad():
+        cond = bb.encode_prompts(prompts)
+        uncond = bb.encode_prompts(negatives, negative=True) if needs_uncond else None
+    guided_base = GuidedDenoiser(base, cond, uncond)
+    if tuned is None:
+        return guided_base, None
+    if tuned.backbone is bb:  # one network: reuse the encoded prompts
+        return guided_base, GuidedDenoiser(tuned, cond, uncond)
+    return guided_base, GuidedDenoiser.encode(tuned, prompts, negatives)
 
 
 @torch.no_grad()
@@ -157,18 +179,22 @@ def sample(
     *,
     tuned: ModelBranch | None = None,
     schedule: Schedule | str | None = None,
-    scheduler: str = "ddim",
+    sampler: str | None = None,
+    scheduler: str = "normal",
     num_steps: int = 25,
+    denoise: float = 1.0,
+    sigmas: torch.Tensor | Sequence[float] | None = None,
     seeds: int | Sequence[int] = 0,
     height: int | None = None,
     width: int | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     negative_prompt: str | Sequence[str] = "",
     latents: torch.Tensor | None = None,
+    max_denoise: bool | None = None,
     decode: bool = True,
     batched: bool = True,
     progress: bool = False,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    callback: Callable[[dict], None] | None = None,
 ) -> SampleResult:
     """Sample one image per prompt with a base model, a tuned model, or both mixed by ``schedule``.
 
@@ -178,19 +204,27 @@ def sample(
         tuned: the reward-tuned model: a LoRA adapter on the base network
             (``ModelBranch(backbone, adapter="tuned", cfg_scale=...)``) or a separate backbone.
         schedule: the tuned model's weight per step (default ``"tuned"`` when a tuned model is given,
-            else ``"base"``); see :mod:`rdt_lib.schedules`.
-        scheduler: ``ddim``, ``ddpm``, ``euler``, ``euler_a``, ``dpmpp_2m``, ``dpmpp_2m_karras``.
+            else ``"base"``); see :mod:`rdt_lib.schedules`. The step index comes from sigma.
+        sampler: the step rule, one of :data:`SAMPLERS` (default ``ddim``, which at eta 0 is an Euler step).
+        scheduler: the sigma list, one of :data:`SCHEDULERS` (default ``normal``); a legacy combined name
+            (``dpmpp_2m_karras`` ...) also sets the sampler.
         num_steps: sampling steps.
+        denoise: ComfyUI's KSampler ``denoise`` in (0, 1]: the last ``num_steps`` steps of a longer list.
+        sigmas: an explicit sigma list (noisiest first, ``num_steps + 1`` entries); overrides ``scheduler``,
+            ``num_steps`` and ``denoise``.
         seeds: one seed per image, or a single seed ``s`` (image ``b`` then uses ``s + b``). Same seed =
-            same image.
+            same image, in any batch (noise and the samplers' fresh noise are drawn per row).
         height, width: image size in pixels (backbone default if omitted).
-        eta: DDIM eta (0 = deterministic DDIM).
+        eta: noise amount of the stochastic samplers (``ddim``: default 0; ``euler_ancestral`` and the SDE
+            samplers: default 1); an error for deterministic samplers unless 0.
         negative_prompt: the unconditional prompt(s) for classifier-free guidance.
-        latents: start from these noise latents (``[B, ...]``, unit variance) instead of seeded noise.
+        latents: start from these unit-variance noise latents ``[B, ...]`` instead of seeded noise.
+        max_denoise: the starting-noise rule (:func:`starting_latent`; default ComfyUI's: ``noise *
+            sqrt(1 + sigma0^2)`` when the list starts at the model's ``sigma_max``, else ``noise * sigma0``).
         decode: decode latents to images in [0, 1].
         batched: evaluate both models in one forward pass where they share a network.
         progress: show a tqdm progress bar.
-        callback: called after every step as ``callback(step, num_steps, latents)``.
+        callback: called once per step with k-diffusion's dict ``{"x", "i", "sigma", "sigma_hat", "denoised"}``.
     """
     base_branch = _as_branch(base)
     prompts = list(prompts)
@@ -208,48 +242,48 @@ def sample(
         raise ValueError(f"got {len(negatives)} negative prompts for {b} prompts")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sampler_name, scheduler_name = resolve_sampler(sampler, scheduler)
 
-    sched = parse_schedule(schedule if schedule is not None else ("tuned" if tuned is not None else "base"))
     bb = base_branch.backbone
-    guided_base = GuidedModel.encode(base_branch, prompts, negatives)
-    guided_tuned = None
-    if tuned is not None:
-        if tuned.backbone is bb:  # one network: reuse the encoded prompts
-            uncond = guided_base.uncond
-            if uncond is None and tuned.guidance != 1.0:
-                uncond = bb.encode_prompts(negatives, negative=True)
-            guided_tuned = GuidedModel(tuned, guided_base.cond, uncond)
-        else:
-            guided_tuned = GuidedModel.encode(tuned, prompts, negatives)
-    denoiser = DualModelDenoiser(guided_base, guided_tuned, sched, batched=batched)
+    ms = bb.model_sampling
+    if sigmas is None:
+        sigma_list = sigmas_for(scheduler_name, ms, num_steps, denoise, sampler=sampler_name)
+    else:
+        sigma_list = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+        if len(sigma_list) < 2:
+            raise ValueError("sigmas needs at least 2 entries (one step)")
+    sched = parse_schedule(schedule if schedule is not None else ("tuned" if tuned is not None else "base"))
+    guided_base, guided_tuned = _denoisers(base_branch, tuned, prompts, negatives)
+    joint = joint_denoiser(guided_base, guided_tuned) if (batched and guided_tuned is not None) else None
+    denoiser = DualDenoiser(guided_base, guided_tuned, sched, sigmas=sigma_list, joint=joint)
 
-    sch = make_scheduler(scheduler, bb.scheduler_config)
     shape = bb.latent_shape(height, width)
-    noise, gens = initial_noise(shape, seed_list, device=bb.device, dtype=bb.dtype)
+    noise, gens = initial_noise(shape, seed_list, device=bb.device)
     if latents is not None:
         if tuple(latents.shape) != (b, *shape):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(b, *shape)}")
-        noise = latents.to(device=bb.device, dtype=bb.dtype)
-    sch.set_timesteps(num_steps, device=bb.device)
-    x = noise * sch.init_noise_sigma
+        noise = latents.to(device=bb.device, dtype=torch.float32)
+    x = starting_latent(ms, sigma_list, noise, max_denoise=max_denoise)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_steps, desc=f"sampling ({sched})", leave=False)
+        bar = tqdm(total=len(sigma_list) - 1, desc=f"sampling ({sched})", leave=False)
 
-    def on_step(i: int, n: int, lat: torch.Tensor) -> None:
+    def on_step(info: dict) -> None:
         if bar is not None:
             bar.update(1)
         if callback is not None:
-            callback(i, n, lat)
+            callback(info)
 
     try:
-        x = denoise(denoiser, sch, x, num_steps, generator=gens, eta=eta, callback=on_step, set_timesteps=False)
+        x = run_sampler(sampler_name, denoiser, x, sigma_list, eta=eta, callback=on_step, model_sampling=ms,
+                        noise_sampler=RowNoise(gens, shape, device=bb.device))
     finally:
         if bar is not None:
             bar.close()
-    images = bb.decode(x) if decode else None
-    return SampleResult(latents=x, images=images, seeds=seed_list, evaluations=dict(denoiser.evaluations))
-
+    x = ms.inverse_noise_scaling(float(sigma_list[-1]), x)
+    images = bb.decode(x.to(bb.dtype)) if decode else None
+    return SampleResult(latents=x, images=images, seeds=seed_list, evaluations=dict(denoiser.evaluations),
+                        sigmas=sigma_list)

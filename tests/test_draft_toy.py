@@ -5,7 +5,7 @@ import torch
 
 from rdt_lib.backbones.toy2d import TOY_LORA_TARGETS, GaussianMixture2D, ToyBackbone, ToyDenoiser, train_toy_base
 from rdt_lib.demo import toy_reward
-from rdt_lib.dual import ModelBranch
+from rdt_lib.denoisers import ModelBranch
 from rdt_lib.lora import add_lora, lora_parameters
 from rdt_lib.objectives.draft import DraftK
 from rdt_lib.sampling import sample
@@ -30,14 +30,15 @@ def test_draft_k_raises_the_reward(trained_toy, k):
     reward = toy_reward(mixture)
     add_lora(bb.network, "tuned", rank=4, target_modules=TOY_LORA_TARGETS)
     before = {n: p.detach().clone() for n, p in lora_parameters(bb.network, "tuned").items()}
-    trainer = RewardTrainer(bb, DraftK(num_steps=10, k=k), reward, [""],
+    trainer = RewardTrainer(bb, DraftK(num_steps=10, k=k, scheduler="simple"), reward, [""],
                             settings=TrainerSettings(lr=1e-3, batch_size=64, seed=1))
     trainer.train(25)
     after = lora_parameters(bb.network, "tuned")
     assert any(not torch.equal(before[n], after[n]) for n in before)
     # held-out seeds, not the training ones
-    base = sample(bb, [""] * 512, num_steps=10, seeds=10**6).images
-    tuned = sample(bb, [""] * 512, tuned=ModelBranch(bb, "tuned"), num_steps=10, seeds=10**6).images
+    # "simple" (trailing) sigmas: the last step starts at t = 99, where one gradient step can move the samples
+    base = sample(bb, [""] * 512, num_steps=10, seeds=10**6, scheduler="simple").images
+    tuned = sample(bb, [""] * 512, tuned=ModelBranch(bb, "tuned"), num_steps=10, seeds=10**6, scheduler="simple").images
     r_base, r_tuned = reward(base, None).mean().item(), reward(tuned, None).mean().item()
     assert r_tuned > r_base + 0.05, (r_base, r_tuned)
 
@@ -50,23 +51,37 @@ def test_gradient_flows_only_through_the_last_k_steps(trained_toy):
     add_lora(bb.network, "tuned", rank=2, target_modules=TOY_LORA_TARGETS, init_lora_weights=False)
     reward = toy_reward(mixture)
     params = list(lora_parameters(bb.network, "tuned").values())
-    out = DraftK(num_steps=6, k=1)(bb, reward, [""] * 8, list(range(8)))
+    out = DraftK(num_steps=6, k=1, scheduler="normal")(bb, reward, [""] * 8, list(range(8)))
     g_draft = torch.autograd.grad(out.loss, params, allow_unused=True)
 
-    # independent computation: run 5 steps without grad, then one step with grad by hand
-    from rdt_lib.sampling import initial_noise, make_scheduler
+    # independent computation: 5 Euler (DDIM, eta 0) steps without grad on the "normal" sigma list, then one with
+    # grad, each written out: x0 = x - sigma * eps(x / sqrt(1 + sigma^2), t) with t the nearest training timestep
+    from diffusers import DDPMScheduler
 
-    sch = make_scheduler("ddim", bb.scheduler_config)
-    sch.set_timesteps(6)
-    x, _ = initial_noise((2,), list(range(8)))
-    x = x * sch.init_noise_sigma
+    from rdt_lib.lora import use_adapters
+    from rdt_lib.sigma_schedules import normal
+
+    ac = DDPMScheduler.from_config(bb.scheduler_config).alphas_cumprod.double()
+    log_table = ((1 - ac) / ac).sqrt().log()
+    sigmas = normal(bb.model_sampling, 6).tolist()
+    x = torch.stack([torch.randn(2, generator=torch.Generator().manual_seed(s)) for s in range(8)])
+    x = x * (1 + sigmas[0] ** 2) ** 0.5  # the list starts at sigma_max: a full denoise
+
+    def step(x, i):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        t = (torch.tensor(s).double().log() - log_table).abs().argmin().float().expand(8)
+        with use_adapters(bb.network, "tuned"):
+            eps = bb.network(x / (s ** 2 + 1) ** 0.5, t)
+        x0 = x - s * eps
+        return x + (x - x0) / s * (s_next - s)
+
     with torch.no_grad():
-        for t in sch.timesteps[:5]:
-            x = sch.step(bb.predict(x, t, bb.encode_prompts([""] * 8), "tuned"), t, x, eta=0.0).prev_sample
-    t = sch.timesteps[5]
-    x = sch.step(bb.predict(x, t, bb.encode_prompts([""] * 8), "tuned"), t, x, eta=0.0).prev_sample
+        for i in range(5):
+            x = step(x, i)
+    x = step(x, 5)
     loss = -reward(bb.decode(x), None).mean()
     g_ref = torch.autograd.grad(loss, params, allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in g_ref)
     for a, b in zip(g_draft, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 

@@ -1,7 +1,8 @@
 """Dual-model mixing is exact: checked against plain reference loops written here, on the toy backbone.
 
 References use separate copies of the network (the base weights before the LoRA was added, and the
-LoRA network called directly), never the mixer under test.
+LoRA network called directly) wrapped into sigma-space denoisers by hand (input ``x / sqrt(1 + sigma^2)``, the
+nearest training timestep, ``x0 = x - sigma * eps``), never the mixer or the denoiser wrappers under test.
 """
 
 import copy
@@ -9,11 +10,12 @@ import copy
 import pytest
 import torch
 
+from rdt_lib import samplers
 from rdt_lib.backbones import ToyBackbone, ToyDenoiser
 from rdt_lib.backbones.toy2d import TOY_LORA_TARGETS
-from rdt_lib.dual import ModelBranch
+from rdt_lib.denoisers import ModelBranch
 from rdt_lib.lora import add_lora, lora_layers, use_adapters
-from rdt_lib.sampling import SCHEDULERS, initial_noise, make_scheduler, sample
+from rdt_lib.sampling import SAMPLERS, initial_noise, sample
 
 N_STEPS = 12
 BATCH = 6
@@ -33,79 +35,117 @@ def models():
     return bb, base_copy, net
 
 
-def reference_loop(bb, scheduler_name, weight_fn, base_net, tuned_net, seeds=0, eta=0.0):
-    """Plain sampler: weight_fn(i, n) mixes base_net and tuned_net outputs (evaluated separately)."""
-    sch = make_scheduler(scheduler_name, bb.scheduler_config)
-    sch.set_timesteps(N_STEPS)
+def _train_sigmas(bb):
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler.from_config(bb.scheduler_config).alphas_cumprod.double()
+    return ((1 - ac) / ac).sqrt()
+
+
+def hand_denoiser(bb, net):
+    """``(x, sigma) -> x0`` for an eps network, written out: VP input scaling, nearest timestep in log-sigma."""
+    log_table = _train_sigmas(bb).log()
+
+    def d(x, sigma):
+        s = sigma.double()
+        t = (s.log()[None, :] - log_table[:, None]).abs().argmin(dim=0).float()
+        eps = net((x / (s[:, None] ** 2 + 1) ** 0.5).float(), t)
+        return x - s[:, None].float() * eps
+
+    return d
+
+
+def reference_run(bb, sampler, weight_fn, base_net, tuned_net, sigmas, seeds=0, **kw):
+    """Our sampler function over a hand-written mix: weight_fn(i, n) with i the first index of sigma in the list,
+    or the step whose interval holds it (the intermediate sigma of dpmpp_sde)."""
+    base_d, tuned_d = hand_denoiser(bb, base_net), hand_denoiser(bb, tuned_net)
+    table = sigmas.tolist()
+    n = len(table) - 1
+
+    def mixed(x, sigma):
+        s = float(sigma[0])
+        i = table.index(s) if s in table[:n] else next(j for j in range(n) if table[j] > s > table[j + 1])
+        w = weight_fn(i, n)
+        if w == 0:
+            return base_d(x, sigma)
+        if w == 1:
+            return tuned_d(x, sigma)
+        return (1 - w) * base_d(x, sigma) + w * tuned_d(x, sigma)
+
     noise, gens = initial_noise((2,), [seeds + b for b in range(BATCH)])
-    x = noise * sch.init_noise_sigma
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5  # "normal" starts at sigma_max: a full denoise
     with torch.no_grad():
-        for i, t in enumerate(sch.timesteps):
-            xin = sch.scale_model_input(x, t)
-            tt = t.reshape(1).expand(BATCH)
-            w = weight_fn(i, N_STEPS)
-            if w == 0:
-                pred = base_net(xin, tt)
-            elif w == 1:
-                pred = tuned_net(xin, tt)
-            else:
-                pred = (1 - w) * base_net(xin, tt) + w * tuned_net(xin, tt)
-            kwargs = {"generator": gens} if "generator" in sch.step.__code__.co_varnames else {}
-            if "eta" in sch.step.__code__.co_varnames:
-                kwargs["eta"] = eta
-            x = sch.step(pred, t, x, **kwargs).prev_sample
-    return x
+        return samplers.SAMPLERS[sampler](mixed, x, sigmas, noise_sampler=samplers.RowNoise(gens, (2,)), **kw)
 
 
-def run(bb, schedule, scheduler="ddim", batched=True, tuned_branch=None):
+def run(bb, schedule, sampler="ddim", batched=True, tuned_branch=None, **kw):
     tuned = tuned_branch or ModelBranch(bb, adapter="tuned")
-    return sample(bb, [""] * BATCH, tuned=tuned, schedule=schedule, scheduler=scheduler, num_steps=N_STEPS,
-                  seeds=0, decode=False, batched=batched)
+    return sample(bb, [""] * BATCH, tuned=tuned, schedule=schedule, sampler=sampler, num_steps=N_STEPS,
+                  seeds=0, decode=False, batched=batched, **kw)
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_base_and_tuned_are_bit_exact(models, scheduler):
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_base_and_tuned_equal_the_hand_written_denoisers(models, sampler):
     bb, base_net, lora_net = models
-    got_base = run(bb, "base", scheduler).latents
-    ref_base = reference_loop(bb, scheduler, lambda i, n: 0.0, base_net, lora_net)
-    assert torch.equal(got_base, ref_base)
-    got_tuned = run(bb, "tuned", scheduler).latents
-    ref_tuned = reference_loop(bb, scheduler, lambda i, n: 1.0, base_net, lora_net)
-    assert torch.equal(got_tuned, ref_tuned)
-    assert not torch.allclose(got_base, got_tuned)  # the adapter really changes the result
+    got = run(bb, "base", sampler)
+    ref_base = reference_run(bb, sampler, lambda i, n: 0.0, base_net, lora_net, got.sigmas)
+    torch.testing.assert_close(got.latents, ref_base, rtol=0, atol=1e-5)
+    got_tuned = run(bb, "tuned", sampler).latents
+    ref_tuned = reference_run(bb, sampler, lambda i, n: 1.0, base_net, lora_net, got.sigmas)
+    torch.testing.assert_close(got_tuned, ref_tuned, rtol=0, atol=1e-5)
+    assert (got.latents - got_tuned).abs().max() > 1e-2  # the adapter really changes the result
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmpp_2m", "euler_a"])
-def test_switch_equals_base_then_tuned(models, scheduler):
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m", "euler_ancestral", "heun", "dpmpp_sde"])
+def test_switch_equals_base_then_tuned(models, sampler):
     bb, base_net, lora_net = models
     k = 7
-    got = run(bb, f"switch:{k}", scheduler).latents
-    ref = reference_loop(bb, scheduler, lambda i, n: float(i >= k), base_net, lora_net)
-    assert torch.equal(got, ref)  # one scheduler throughout: multistep history kept across the switch
+    got = run(bb, f"switch:{k}", sampler)
+    ref = reference_run(bb, sampler, lambda i, n: float(i >= k), base_net, lora_net, got.sigmas)
+    # one sampler throughout: multistep history kept across the switch; heun's second evaluation at
+    # sigmas[i + 1] belongs to step i + 1 (step index from sigma, not from counting calls)
+    torch.testing.assert_close(got.latents, ref, rtol=0, atol=1e-5)
+    base_only = reference_run(bb, sampler, lambda i, n: 0.0, base_net, lora_net, got.sigmas)
+    assert (base_only - ref).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("batched", [True, False])
-def test_linear_step_is_the_hand_computed_mix(models, batched):
+@pytest.mark.parametrize("sampler", ["ddim", "heun"])
+def test_linear_step_is_the_hand_computed_mix(models, batched, sampler):
     bb, base_net, lora_net = models
-    got = run(bb, "linear", "ddim", batched=batched).latents
-    ref = reference_loop(bb, "ddim", lambda i, n: i / n, base_net, lora_net)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    got = run(bb, "linear", sampler, batched=batched)
+    ref = reference_run(bb, sampler, lambda i, n: i / n, base_net, lora_net, got.sigmas)
+    torch.testing.assert_close(got.latents, ref, rtol=0, atol=1e-5)
+
+
+def test_ddim_eta_per_step(models):
+    """R0's random eta: a per-step eta callable reaches the DDIM step (eta 0 / 1 at alternate steps)."""
+    bb, base_net, lora_net = models
+    eta = lambda i: float(i % 2)  # noqa: E731
+    got = run(bb, "tuned", "ddim", eta=eta)
+    ref = reference_run(bb, "ddim", lambda i, n: 1.0, base_net, lora_net, got.sigmas, eta=eta)
+    torch.testing.assert_close(got.latents, ref, rtol=0, atol=1e-5)
+    assert (run(bb, "tuned", "ddim").latents - got.latents).abs().max() > 1e-3
 
 
 def test_one_mixed_step_by_hand(models):
-    """A single step of `linear` at step index 3 of 4: (1 - 3/4) * base + 3/4 * tuned."""
+    """A single evaluation of `linear` at step index 3 of 4: (1 - 3/4) * base + 3/4 * tuned, in x0."""
     bb, base_net, lora_net = models
-    from rdt_lib.dual import DualModelDenoiser, GuidedModel
+    from rdt_lib.denoisers import GuidedDenoiser, joint_denoiser
+    from rdt_lib.mix import DualDenoiser
 
     cond = bb.encode_prompts([""] * BATCH)
-    den = DualModelDenoiser(GuidedModel(ModelBranch(bb), cond, None),
-                            GuidedModel(ModelBranch(bb, "tuned"), cond, None), "linear")
+    base = GuidedDenoiser(ModelBranch(bb), cond, None)
+    tuned = GuidedDenoiser(ModelBranch(bb, "tuned"), cond, None)
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0])
     x = torch.randn(BATCH, 2)
-    t = torch.tensor(300)
+    sigma = torch.full((BATCH,), 1.0)
+    expected_base, expected_tuned = hand_denoiser(bb, base_net)(x, sigma), hand_denoiser(bb, lora_net)(x, sigma)
     with torch.no_grad():
-        got = den(x, t, 3, 4)
-        expected = 0.25 * base_net(x, t.expand(BATCH)) + 0.75 * lora_net(x, t.expand(BATCH))
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        for joint in (None, joint_denoiser(base, tuned)):
+            den = DualDenoiser(base, tuned, "linear", sigmas=sigmas, joint=joint)
+            got = den(x, sigma)
+            torch.testing.assert_close(got, 0.25 * expected_base + 0.75 * expected_tuned, rtol=0, atol=1e-6)
 
 
 class CountingToy(ToyBackbone):
@@ -126,6 +166,12 @@ def test_zero_weight_model_is_never_evaluated(models):
     res = sample(bb, [""] * BATCH, tuned=ModelBranch(bb, "tuned"), schedule="switch@0.5", num_steps=10, decode=False)
     assert bb.calls == [(BATCH, "base")] * 5 + [(BATCH, "tuned")] * 5
     assert res.evaluations == {"base": 5, "tuned": 5, "joint": 0}
+    bb.calls.clear()
+    # heun: two evaluations per step except the last (to sigma 0); the second one, at sigmas[i + 1], gets step
+    # i + 1's weight: base at steps 0-4 (5 first + 4 second evaluations), tuned from sigmas[5] on (1 + 5 + 4)
+    res = sample(bb, [""] * BATCH, tuned=ModelBranch(bb, "tuned"), schedule="switch:5", sampler="heun",
+                 num_steps=10, decode=False)
+    assert res.evaluations == {"base": 5 + 4, "tuned": 1 + 5 + 4, "joint": 0}
     bb.calls.clear()
     sample(bb, [""] * BATCH, tuned=ModelBranch(bb, "tuned"), schedule="base", num_steps=10, decode=False)
     assert bb.calls == [(BATCH, "base")] * 10
@@ -149,7 +195,7 @@ def test_single_copy_lora_equals_merged_two_copy(models):
     base_bb = ToyBackbone(base_net)
     for schedule in ["linear", "power:2", "switch@0.5", "tuned"]:
         one_copy = run(bb, schedule).latents
-        two_copy = sample(base_bb, [""] * BATCH, tuned=ModelBranch(merged_bb), schedule=schedule,
+        two_copy = sample(base_bb, [""] * BATCH, tuned=ModelBranch(merged_bb), schedule=schedule, sampler="ddim",
                           num_steps=N_STEPS, decode=False).latents
         torch.testing.assert_close(one_copy, two_copy, rtol=0, atol=1e-5)
 
@@ -163,11 +209,13 @@ def test_lora_scale_baseline(models):
     with torch.no_grad():
         for layer in lora_layers(half_net):
             layer.lora_B["tuned"].weight.mul_(0.5)
-    half = run(bb, "tuned", tuned_branch=ModelBranch(bb, "tuned", lora_scale=0.5)).latents
-    ref = reference_loop(bb, "ddim", lambda i, n: 1.0, base_net, half_net)
-    torch.testing.assert_close(half, ref, rtol=0, atol=1e-6)
+    half = run(bb, "tuned", tuned_branch=ModelBranch(bb, "tuned", lora_scale=0.5))
+    ref = reference_run(bb, "ddim", lambda i, n: 1.0, base_net, half_net, half.sigmas)
+    torch.testing.assert_close(half.latents, ref, rtol=0, atol=1e-5)
     # the scale is undone afterwards
-    torch.testing.assert_close(run(bb, "tuned").latents, reference_loop(bb, "ddim", lambda i, n: 1.0, base_net, lora_net))
+    full = run(bb, "tuned")
+    torch.testing.assert_close(full.latents, reference_run(bb, "ddim", lambda i, n: 1.0, base_net, lora_net, full.sigmas),
+                               rtol=0, atol=1e-5)
 
 
 def test_adapter_switching_keeps_trainability(models):
@@ -192,6 +240,10 @@ def test_bad_inputs(models):
         sample(bb, [""] * 2, seeds=[1, 2, 3])
     with pytest.raises(ValueError, match="unknown scheduler"):
         sample(bb, [""] * 2, scheduler="heun")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(bb, [""] * 2, sampler="lms")
+    with pytest.raises(ValueError, match="eta applies to the stochastic samplers"):
+        sample(bb, [""] * 2, sampler="euler", eta=0.5)
     with pytest.raises(ValueError, match="prompts is empty"):
         sample(bb, [])
 

@@ -13,12 +13,10 @@ from rdt_lib.objectives import (
     ImageReFL,
     ReFL,
     l2_to_init,
-    noise_to_step,
+    noise_to_sigma,
     normalized_reward_gradients,
-    predict_x0,
     random_eta,
 )
-from rdt_lib.sampling import make_scheduler
 from rdt_lib.train.data import ImageCaptionFolder
 from rdt_lib.train.trainer import RewardTrainer, TrainerSettings
 from train_fixtures import PROMPTS, tiny_backbone, tiny_reward, write_image_folder
@@ -43,7 +41,8 @@ CASES = {
     "draft-1": (lambda: DraftK(num_steps=4, k=1, cfg_scale=CFG), {}),
     "draft-all": (lambda: DraftK(num_steps=4, k=None, cfg_scale=CFG), {}),
     "draft-lv": (lambda: DraftLV(num_steps=4, n=2, cfg_scale=CFG), {}),
-    "refl": (lambda: ReFL(num_steps=4, stop_range=(2, 3), cfg_scale=CFG, reward_loss="hinge", hinge_margin=3.0,
+    # stop steps 1-2 of 4 (t = 501, 251): at step 3 (t = 1) the x0 estimate is the latent itself, nothing to learn
+    "refl": (lambda: ReFL(num_steps=4, stop_range=(1, 2), cfg_scale=CFG, reward_loss="hinge", hinge_margin=3.0,
                           loss_scale=1e-3), {}),
     "imagerefl": (lambda: ImageReFL(num_steps=4, stop_range=(2, 3), start_step=1, cfg_scale=CFG), {}),
     "kl (draft+)": (lambda: DraftK(num_steps=4, k=2, cfg_scale=CFG, kl_coeff=1.0), {}),
@@ -103,47 +102,52 @@ def test_l2_to_init_pulls_weights_toward_initial_ones(image_batch):
     assert distances[10.0] < 0.5 * distances[0.0]
 
 
-# ---- x0 prediction and re-noising against diffusers -------------------------------------------------------------
+# ---- re-noising against diffusers ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_predict_x0_matches_ddim_pred_original_sample(prediction_type):
-    bb = tiny_backbone()
-    sch = make_scheduler("ddim", {**bb.scheduler_config, "prediction_type": prediction_type})
-    sch.set_timesteps(10)
-    g = torch.Generator().manual_seed(0)
-    x, pred = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    for step in (0, 5, 9):
-        ref = sch.step(pred, sch.timesteps[step], x).pred_original_sample
-        assert torch.allclose(predict_x0(sch, x, pred, step, prediction_type), ref, atol=1e-5)
+def test_noise_to_sigma_matches_diffusers_add_noise_and_flow_scale_noise():
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    from rdt_lib.model_sampling import FlowMatch
 
-def test_noise_to_step_matches_add_noise_and_euler_sigma():
     bb = tiny_backbone()
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    ddim = make_scheduler("ddim", bb.scheduler_config)
-    ddim.set_timesteps(8)
-    ref = ddim.add_noise(x0, noise, ddim.timesteps[3:4])
-    assert torch.allclose(noise_to_step(ddim, x0, noise, 3), ref, atol=1e-6)
-    euler = make_scheduler("euler", bb.scheduler_config)
-    euler.set_timesteps(8)
-    assert torch.allclose(noise_to_step(euler, x0, noise, 2), x0 + euler.sigmas[2] * noise, atol=1e-6)
-    # Euler x0 prediction inverts it exactly for an epsilon model that predicts the true noise
-    assert torch.allclose(predict_x0(euler, noise_to_step(euler, x0, noise, 2), noise, 2, "epsilon"), x0, atol=1e-5)
+    ddim = DDIMScheduler.from_config(bb.scheduler_config)
+    for t in (1, 400, 999):
+        a = ddim.alphas_cumprod[t]
+        sigma = float(((1 - a) / a) ** 0.5)
+        ref = ddim.add_noise(x0, noise, torch.tensor([t]))  # variance-preserving: sqrt(a) x0 + sqrt(1-a) noise
+        ours = noise_to_sigma(bb.model_sampling, x0, noise, sigma)  # sigma space: x0 + sigma * noise
+        torch.testing.assert_close(ours * a.sqrt(), ref, rtol=0, atol=1e-5)
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow.set_timesteps(5)
+    t = flow.timesteps[2:3]
+    sigma = float(flow.sigmas[2])
+    torch.testing.assert_close(noise_to_sigma(FlowMatch(shift=3.0), x0, noise, sigma),
+                               flow.scale_noise(x0, t, noise), rtol=0, atol=1e-6)
 
 
 # ---- DRaFT-K gradient and KL against hand-written loops -----------------------------------------------------------
 
 
 def _reference_draft1(bb, reward, prompts, seeds, num_steps, kl_coeff):
-    """DRaFT-1 + KL written directly on diffusers' DDIM scheduler and the UNet (no rdt sampling code)."""
+    """DRaFT-1 + KL written directly on diffusers' DDIM scheduler and the UNet (no rdt sampling code).
+
+    DDIM's own timesteps (``1 + k * 1000 // n``, ComfyUI's ``ddim_uniform``), ending at alpha 1 (sigma 0). The start
+    follows ComfyUI's rule for a list that does not start at sigma_max: ``noise * sigma0`` in sigma space, i.e.
+    ``noise * sigma0 / sqrt(1 + sigma0^2)`` in DDIM's variance-preserving frame.
+    """
+    from diffusers import DDIMScheduler
+
     unet = bb.network
-    sch = make_scheduler("ddim", bb.scheduler_config)
+    sch = DDIMScheduler.from_config({**bb.scheduler_config, "set_alpha_to_one": True, "timestep_spacing": "leading",
+                                     "steps_offset": 1})
     sch.set_timesteps(num_steps)
     cond = bb.encode_prompts(prompts).tensors["encoder_hidden_states"]
     uncond = bb.encode_prompts([""] * len(prompts), negative=True).tensors["encoder_hidden_states"]
-    x = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    a0 = sch.alphas_cumprod[sch.timesteps[0]]
+    x = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds]) * (1 - a0).sqrt()
 
     def guided(xx, t, use_lora):
         from rdt_lib.lora import use_adapters
@@ -179,7 +183,7 @@ def test_draft1_with_kl_matches_reference_loop():
         return (images * torch.linspace(0, 1, images.shape[-1])).mean(dim=(1, 2, 3))
 
     prompts, seeds = ["a cat", "a dog"], [3, 4]
-    out = DraftK(num_steps=3, k=1, cfg_scale=CFG, kl_coeff=0.7)(bb, reward, Batch(prompts, seeds))
+    out = DraftK(num_steps=3, k=1, cfg_scale=CFG, kl_coeff=0.7, scheduler="ddim")(bb, reward, Batch(prompts, seeds))
     grads = torch.autograd.grad(out.loss, list(params.values()))
     ref_loss, ref_kl = _reference_draft1(bb, reward, prompts, seeds, 3, 0.7)
     ref_grads = torch.autograd.grad(ref_loss, list(params.values()))
@@ -233,9 +237,9 @@ def test_imagerefl_start_equals_stop_runs_no_denoising_step(image_batch):
     calls = []
     original = bb.predict
 
-    def counting(x, t, cond, adapters=None, **kw):
+    def counting(x, t, cond):
         calls.append(int(t.flatten()[0]) if torch.is_tensor(t) else int(t))
-        return original(x, t, cond, adapters, **kw)
+        return original(x, t, cond)
 
     bb.predict = counting
     reward = lambda images, prompts: images.mean(dim=(1, 2, 3))  # noqa: E731

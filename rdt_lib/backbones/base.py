@@ -1,9 +1,9 @@
 """The backbone interface shared by the dual-model sampler and the reward trainer.
 
 A backbone bundles what a text-to-image diffusion model needs around its denoising network: prompt
-encoding, one noise-prediction call, decoding latents to images, and the noise-schedule configuration.
-The denoising ``network`` is a plain ``torch.nn.Module`` that may carry peft LoRA adapters
-(:mod:`rdt_lib.lora`); :meth:`Backbone.predict` chooses the adapter per call or per batch row.
+encoding, one raw network call, decoding latents to images, and the noise-schedule configuration (as
+:attr:`Backbone.model_sampling`, sigma space). The denoising ``network`` is a plain ``torch.nn.Module`` that may
+carry peft LoRA adapters; which adapter runs is chosen by the denoiser wrapper (:mod:`rdt_lib.denoisers`), not here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..lora import use_adapters
+from ..model_sampling import ModelSampling, model_sampling_from_config
 
 __all__ = ["Conditioning", "Backbone"]
 
@@ -59,15 +59,13 @@ class Backbone:
         network: the denoising network (UNet, MLP) that LoRA adapters are added to.
         conditional: whether prompts change the prediction (False: classifier-free guidance is not
             available and every CFG scale must be 1).
-        prediction_type: what ``network`` predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         scheduler_config: the diffusers scheduler config the network was trained with (``num_train_timesteps``,
-            ``beta_schedule``, ``prediction_type`` ...), used to build samplers.
+            ``beta_schedule``, ``prediction_type`` ...); :attr:`model_sampling` is built from it.
         default_cfg: the usual classifier-free guidance scale for this family (7.5 SD1.5, 5 SDXL, 1 toy).
     """
 
     network: torch.nn.Module
     conditional: bool = True
-    prediction_type: str = "epsilon"
     scheduler_config: Mapping[str, Any]
     default_cfg: float = 1.0
 
@@ -103,24 +101,22 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.network.parameters()).dtype
 
-    def empty_conditioning(self, batch_size: int) -> Conditioning:
-        """The unconditional ("") conditioning for classifier-free guidance."""
-        return self.encode_prompts([""] * batch_size, negative=True)
+    @property
+    def model_sampling(self) -> ModelSampling:
+        """The network's sigma-space conventions, from :attr:`scheduler_config` (built once, then cached)."""
+        key = repr(sorted(dict(self.scheduler_config).items()))
+        cached = self.__dict__.get("_model_sampling")
+        if cached is None or cached[0] != key:
+            cached = (key, model_sampling_from_config(self.scheduler_config))
+            self.__dict__["_model_sampling"] = cached
+        return cached[1]
 
-    def predict(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor | float | int,
-        cond: Conditioning,
-        adapters: str | None | Sequence[str | None] = None,
-        *,
-        lora_scale: float = 1.0,
-    ) -> torch.Tensor:
-        """Network prediction with a chosen LoRA adapter.
+    def predict(self, x: torch.Tensor, t: torch.Tensor | float | int, cond: Conditioning) -> torch.Tensor:
+        """The raw network output (noise, velocity or flow) for network input ``x`` at timestep ``t``.
 
-        ``adapters``: ``None`` = base weights (adapters disabled), a name = that adapter, or one entry per
-        row of ``x`` (a mixed batch in one forward pass). ``t`` is a timestep in training units, a scalar or
-        one per row. ``lora_scale`` scales the named adapters' contribution.
+        ``x`` is already scaled for the network (:meth:`~rdt_lib.model_sampling.DiscreteVP.calculate_input`);
+        ``t`` is in training-timestep units (not a step index, not a sigma), a scalar or one per row. The LoRA
+        adapters active are whatever the caller set (:func:`rdt_lib.lora.use_adapters`).
         """
         if not torch.is_tensor(t):
             t = torch.full((x.shape[0],), float(t), device=x.device)
@@ -128,5 +124,4 @@ class Backbone:
             t = t.to(x.device).reshape(1).expand(x.shape[0])
         if x.shape[0] != cond.batch_size:
             raise ValueError(f"x has {x.shape[0]} rows but the conditioning has {cond.batch_size}")
-        with use_adapters(self.network, adapters, scale=lora_scale):
-            return self.forward_network(x, t, cond)
+        return self.forward_network(x, t.to(x.device), cond)

@@ -47,7 +47,6 @@ class StableDiffusionBackbone(Backbone):
         self.vae = pipe.vae
         self.is_sdxl = detect_sd_kind(pipe) == "sdxl"
         self.scheduler_config = dict(pipe.scheduler.config)
-        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.default_cfg = 5.0 if self.is_sdxl else 7.5
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # diffusers' SDXL default: an empty negative prompt is encoded as zeros

@@ -92,7 +92,6 @@ class ToyBackbone(Backbone):
     """
 
     conditional = False
-    prediction_type = "epsilon"
     default_cfg = 1.0
 
     def __init__(self, network: ToyDenoiser | None = None, *, data_scale: float = 4.0) -> None:

@@ -7,7 +7,7 @@
 """
 
 from .base import Batch, Objective, ObjectiveOutput, RewardFn, RewardTerm, reward_losses, reward_terms
-from .common import SamplingObjective, noise_to_step, predict_x0
+from .common import SamplingObjective, diffusion_target, noise_to_sigma
 from .draft import DraftK, DraftLV
 from .imagerefl import ImageReFL
 from .refl import ReFL
@@ -22,8 +22,8 @@ __all__ = [
     "reward_terms",
     "reward_losses",
     "SamplingObjective",
-    "predict_x0",
-    "noise_to_step",
+    "noise_to_sigma",
+    "diffusion_target",
     "DraftK",
     "DraftLV",
     "ReFL",

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 
 from ..backbones.base import Backbone
+from ..rng import rng_stream
 
 __all__ = [
     "RewardFn",
@@ -69,9 +70,10 @@ class Batch:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """A CPU generator for per-batch choices, seeded from ``batch_seed`` (and ``offset`` for independent streams)."""
-        return torch.Generator().manual_seed((int(self.batch_seed) * 1_000_003 + int(offset)) % (2**63 - 1))
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator for one per-batch choice: the named stream ``(batch_seed, purpose)`` of
+        :func:`rdt_lib.rng.rng_stream` (``purpose``: ``"eta"``, ``"stop_step"``)."""
+        return rng_stream(self.batch_seed, purpose)
 
 
 @dataclass

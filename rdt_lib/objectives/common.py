@@ -1,8 +1,9 @@
-"""Pieces the sampling-based objectives share: common settings, the per-batch setup, x0 prediction, re-noising.
+"""Pieces the sampling-based objectives share: common settings, the per-batch setup, re-noising.
 
-Conventions: a *step index* ``i`` counts sampling steps of an ``N``-step schedule (0 = noisiest); a *timestep* ``t``
-is in training units (0 .. num_train_timesteps - 1), ``t = scheduler.timesteps[i]``. Latents at step ``i`` are the
-sampler's state before step ``i`` runs (for ``i = 0``: noise times ``init_noise_sigma``).
+Conventions (sigma space, :mod:`rdt_lib.model_sampling`): a *step index* ``i`` counts sampling steps of an
+``N``-step sigma list (0 = noisiest); step ``i`` runs from ``sigmas[i]`` to ``sigmas[i + 1]``. Latents at step
+``i`` are the sampler's state at ``sigmas[i]`` (VP models: ``x0 + sigma * noise``). The x0 estimate is what the
+denoiser returns; re-noising is :func:`noise_to_sigma`, one place for VP and flow models.
 """
 
 from __future__ import annotations
@@ -13,76 +14,29 @@ from typing import Callable, Sequence
 import torch
 
 from ..backbones.base import Backbone
-from ..dual import GuidedModel, ModelBranch
-from ..sampling import initial_noise, make_scheduler
+from ..denoisers import GuidedDenoiser, ModelBranch, network_output
+from ..model_sampling import ModelSampling
+from ..samplers import RowNoise
+from ..sampling import initial_noise, resolve_sampler, run_sampler, starting_latent
+from ..sigma_schedules import sigmas_for
 from .base import REWARD_LOSSES, Batch, ObjectiveOutput, RewardFn, reward_losses, reward_metrics, reward_terms, total_reward
 from .regularizers import KLToBase, random_eta
 
-__all__ = ["SamplingObjective", "ObjectiveRun", "predict_x0", "noise_to_step", "is_variance_exploding"]
+__all__ = ["SamplingObjective", "ObjectiveRun", "noise_to_sigma", "diffusion_target"]
 
 
-def is_variance_exploding(scheduler) -> bool:
-    """True for Karras-sigma samplers whose latents are ``x0 + sigma * noise`` (Euler): ``init_noise_sigma > 1``."""
-    return float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 + 1e-6
+def noise_to_sigma(model_sampling: ModelSampling, x0: torch.Tensor, noise: torch.Tensor,
+                   sigma: float | torch.Tensor) -> torch.Tensor:
+    """Forward-diffuse clean latents to noise level ``sigma``: ``x0 + sigma * noise`` (VP) or
+    ``(1 - sigma) * x0 + sigma * noise`` (flow)."""
+    return model_sampling.noise_scaling(sigma, noise.float(), x0.float())
 
 
-def _alpha(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    a = scheduler.alphas_cumprod.to(device=like.device)[int(t)]
-    return a.to(torch.float32)
-
-
-def predict_x0(scheduler, latents: torch.Tensor, pred: torch.Tensor, step: int, prediction_type: str) -> torch.Tensor:
-    """The clean-sample estimate from a model output at step index ``step`` (differentiable, no clipping).
-
-    Variance-preserving samplers (DDIM, DDPM, DPM++), with ``a = alphas_cumprod[t]``: epsilon
-    ``(x - sqrt(1-a) eps) / sqrt(a)``; v_prediction ``sqrt(a) x - sqrt(1-a) v``; sample ``pred``.
-    Euler-style (``x = x0 + sigma * noise``, model input ``x / sqrt(sigma^2+1)``): epsilon ``x - sigma eps``;
-    v_prediction ``v * (-sigma / sqrt(sigma^2+1)) + x / (sigma^2+1)``.
-    """
-    x = latents.float()
-    p = pred.float()
-    if prediction_type == "sample":
-        out = p
-    elif is_variance_exploding(scheduler):
-        sigma = float(scheduler.sigmas[step])
-        if prediction_type == "epsilon":
-            out = x - sigma * p
-        elif prediction_type == "v_prediction":
-            out = p * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        else:
-            raise ValueError(f"unsupported prediction type {prediction_type!r}")
-    else:
-        a = _alpha(scheduler, scheduler.timesteps[step], x)
-        if prediction_type == "epsilon":
-            out = (x - (1 - a).sqrt() * p) / a.sqrt()
-        elif prediction_type == "v_prediction":
-            out = a.sqrt() * x - (1 - a).sqrt() * p
-        else:
-            raise ValueError(f"unsupported prediction type {prediction_type!r}")
-    return out.to(latents.dtype)
-
-
-def noise_to_step(scheduler, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
-    """Forward-diffuse clean latents ``x0`` to the sampler state at step index ``step``.
-
-    Variance-preserving: ``sqrt(a) x0 + sqrt(1-a) noise`` with ``a = alphas_cumprod[timesteps[step]]``;
-    Euler-style: ``x0 + sigmas[step] * noise``.
-    """
-    if is_variance_exploding(scheduler):
-        return (x0.float() + float(scheduler.sigmas[step]) * noise.float()).to(x0.dtype)
-    a = _alpha(scheduler, scheduler.timesteps[step], x0)
-    return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
-
-
-def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The network's training target at timestep ``t``: the noise (epsilon), the velocity
-    ``sqrt(a) noise - sqrt(1-a) x0`` (v_prediction) or ``x0`` (sample)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return x0
-    a = _alpha(scheduler, t, x0)
-    return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(noise.dtype)
+def diffusion_target(model_sampling: ModelSampling, x0: torch.Tensor, noise: torch.Tensor,
+                     sigma: float | torch.Tensor) -> torch.Tensor:
+    """The network's training target for ``noise_to_sigma(x0, noise, sigma)``: the noise (eps), the velocity
+    ``(noise - sigma x0) / sqrt(sigma^2 + 1)`` (v), or ``noise - x0`` (flow)."""
+    return model_sampling.network_target(x0.float(), noise.float(), sigma)
 
 
 @dataclass
@@ -93,7 +47,10 @@ class SamplingObjective:
         num_steps: sampling steps of a training trajectory.
         adapter: the trained LoRA adapter's name.
         cfg_scale: classifier-free guidance scale of training samples (``None``: the backbone's default).
-        scheduler: sampler name (see :data:`rdt_lib.sampling.SCHEDULERS`).
+        scheduler: the sigma list (see :data:`rdt_lib.sampling.SCHEDULERS`); a legacy combined name (``ddim``, the
+            default: DDIM on its uniform timesteps,
+            ``ddpm``, ``dpmpp_2m_karras`` ...) also sets the sampler.
+        sampler: the step rule (:data:`rdt_lib.sampling.SAMPLERS`); ``None``: from ``scheduler``, else ``ddim``.
         eta: DDIM eta in [0, 1] (0 = deterministic).
         eta_range: R0's random eta: ``(low, high)`` = a DDIM eta drawn uniformly per step (overrides ``eta``).
         kl_coeff: DRaFT+ KL weight (``kl_coeff * mean((eps_tuned - eps_base)^2)`` over the gradient steps).
@@ -108,6 +65,7 @@ class SamplingObjective:
     adapter: str = "tuned"
     cfg_scale: float | None = None
     scheduler: str = "ddim"
+    sampler: str | None = None
     eta: float = 0.0
     eta_range: tuple[float, float] | None = None
     kl_coeff: float = 0.0
@@ -131,6 +89,7 @@ class SamplingObjective:
             lo, hi = self.eta_range
             if not 0 <= lo <= hi <= 1:
                 raise ValueError(f"eta_range must satisfy 0 <= low <= high <= 1, got {self.eta_range}")
+        resolve_sampler(self.sampler, self.scheduler)  # fails early on unknown names
 
     def start(self, backbone: Backbone, batch: Batch) -> "ObjectiveRun":
         """Encode the batch's prompts and prepare the scheduler, noise and eta for one evaluation."""
@@ -138,58 +97,78 @@ class SamplingObjective:
 
 
 class ObjectiveRun:
-    """One objective evaluation's state: guided models (tuned and, for KL, base), scheduler, eta, noise.
+    """One objective evaluation's state: guided models (tuned and, for KL, base), sigma list, eta, noise.
 
     Attributes:
-        denoiser: ``(x, t, i, n) -> guided prediction`` of the tuned model, recording KL terms on gradient steps.
-        scheduler: a fresh scheduler with ``num_steps`` timesteps set.
-        eta: float or per-step callable for :func:`rdt_lib.sampling.denoise`.
+        denoiser: ``(x, sigma) -> guided x0`` of the tuned model, recording KL terms on gradient steps.
+        model_sampling: the backbone's sigma-space conventions.
+        sampler: the sampler name; ``sigmas``: its ``num_steps + 1`` sigmas.
+        eta: float or per-step callable (R0's random eta).
     """
 
     def __init__(self, obj: SamplingObjective, backbone: Backbone, batch: Batch) -> None:
         self.obj = obj
         self.backbone = backbone
         self.batch = batch
+        self.model_sampling = backbone.model_sampling
         branch = ModelBranch(backbone, adapter=obj.adapter, cfg_scale=obj.cfg_scale)
-        self.guided = GuidedModel.encode(branch, batch.prompts, [obj.negative_prompt] * len(batch))
+        self.guided = GuidedDenoiser.encode(branch, batch.prompts, [obj.negative_prompt] * len(batch))
         base = None
         if obj.kl_coeff > 0:
-            base = GuidedModel(ModelBranch(backbone, adapter=None, cfg_scale=obj.cfg_scale), self.guided.cond,
-                               self.guided.uncond)
+            base = self.guided.with_branch(ModelBranch(backbone, adapter=None, cfg_scale=obj.cfg_scale))
         self.denoiser = KLToBase(self.guided, base)
-        self.scheduler = make_scheduler(obj.scheduler, backbone.scheduler_config)
-        self.scheduler.set_timesteps(obj.num_steps, device=backbone.device)
+        self.sampler, scheduler = resolve_sampler(obj.sampler, obj.scheduler)
+        self.sigmas = sigmas_for(scheduler, self.model_sampling, obj.num_steps, sampler=self.sampler)
         if obj.eta_range is not None:
-            self.eta: float | Callable[[int], float] = random_eta(*obj.eta_range, obj.num_steps, batch.generator(1))
+            self.eta: float | Callable[[int], float] | None = random_eta(*obj.eta_range, obj.num_steps,
+                                                                         batch.generator("eta"))
         else:
-            self.eta = obj.eta
+            self.eta = obj.eta if obj.eta else None
+
+    def sigma(self, step: int) -> float:
+        """The noise level at step index ``step``."""
+        return float(self.sigmas[step])
 
     def noise(self) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Per-row seeded standard-normal noise ``[B, *latent]`` and the row generators (continued by the sampler)."""
+        """Per-row seeded standard-normal noise ``[B, *latent]`` (float32) and the row generators."""
         bb = self.backbone
-        return initial_noise(bb.latent_shape(self.obj.height, self.obj.width), self.batch.seeds,
-                             device=bb.device, dtype=bb.dtype)
+        return initial_noise(bb.latent_shape(self.obj.height, self.obj.width), self.batch.seeds, device=bb.device)
 
-    def conditional_prediction(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The tuned model's prediction on the batch prompts without guidance (for the diffusion loss)."""
-        return self.backbone.predict(x, t, self.guided.cond, self.obj.adapter)
+    def start_latent(self, noise: torch.Tensor) -> torch.Tensor:
+        """The sampler's start from pure noise (:func:`rdt_lib.sampling.starting_latent`, ComfyUI's rule)."""
+        return starting_latent(self.model_sampling, self.sigmas, noise)
+
+    def denoise(self, x: torch.Tensor, generators: Sequence[torch.Generator], *, start_step: int = 0,
+                end_step: int | None = None, grad_steps: Callable[[int], bool] | None = None,
+                denoiser=None) -> torch.Tensor:
+        """Sampler steps ``start_step .. end_step - 1`` from ``x`` (at ``sigmas[start_step]``), fresh noise per row
+        from ``generators``; no gradient except on ``grad_steps``."""
+        return run_sampler(self.sampler, denoiser or self.denoiser, x, self.sigmas, start_step=start_step,
+                           end_step=end_step, grad_steps=grad_steps, eta=self.eta,
+                           noise_sampler=RowNoise(generators, x.shape[1:], device=x.device),
+                           model_sampling=self.model_sampling)
+
+    def conditional_prediction(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The tuned model's raw network output on the batch prompts without guidance (for the diffusion loss)."""
+        return network_output(self.backbone, x, sigma, self.guided.cond, self.obj.adapter)
 
     def finish(self, images: torch.Tensor, prompts: Sequence[str], reward_fn: RewardFn,
                aux: dict[str, tuple[float, torch.Tensor]] | None = None, *, repeats: int = 1,
-               extra_metrics: dict[str, float] | None = None) -> ObjectiveOutput:
+               extra_metrics: dict[str, float] | None = None, kl_from: KLToBase | None = None) -> ObjectiveOutput:
         """Score ``images`` and assemble the output.
 
         Args:
             images: decoded images (``repeats`` copies of the batch stacked, for DRaFT-LV).
             aux: non-reward terms, name -> (coefficient, differentiable scalar); ``kl`` is added automatically.
             repeats: copies of each sample in ``images``; the reward losses are summed over copies.
+            kl_from: the denoiser whose recorded KL terms count (default :attr:`denoiser`).
         """
         obj = self.obj
         terms = reward_terms(reward_fn, images, list(prompts))
         losses = reward_losses(terms, obj.reward_loss, obj.hinge_margin)
         losses = {k: v * (obj.loss_scale * repeats) for k, v in losses.items()}
         aux = dict(aux or {})
-        kl = self.denoiser.value
+        kl = (kl_from or self.denoiser).value
         if kl is not None:
             aux["kl"] = (obj.kl_coeff, kl)
         metrics = reward_metrics(terms)

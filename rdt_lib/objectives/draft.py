@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..backbones.base import Backbone
-from ..sampling import denoise, initial_noise
+from ..rng import rng_stream
 from .base import Batch, ObjectiveOutput, RewardFn
-from .common import SamplingObjective, noise_to_step
+from .common import SamplingObjective, noise_to_sigma
 
 __all__ = ["DraftK", "DraftLV"]
 
@@ -54,17 +56,8 @@ class DraftK(SamplingObjective):
         batch = _as_batch(batch, seeds)
         run = self.start(backbone, batch)
         noise, gens = run.noise()
-        latents = denoise(
-            run.denoiser,
-            run.scheduler,
-            noise * run.scheduler.init_noise_sigma,
-            self.num_steps,
-            generator=gens,
-            eta=run.eta,
-            grad_steps=lambda i: i >= self.grad_from,
-            set_timesteps=False,
-        )
-        images = backbone.decode(latents)
+        latents = run.denoise(run.start_latent(noise), gens, grad_steps=lambda i: i >= self.grad_from)
+        images = backbone.decode(latents.to(backbone.dtype))
         return run.finish(images, batch.prompts, reward_fn)
 
 
@@ -89,37 +82,15 @@ class DraftLV(SamplingObjective):
         run = self.start(backbone, batch)
         noise, gens = run.noise()
         last = self.num_steps - 1
-        x0 = denoise(run.denoiser, run.scheduler, noise * run.scheduler.init_noise_sigma, self.num_steps,
-                     end_step=last + 1, generator=gens, eta=run.eta, set_timesteps=False)
-        # fresh noise per copy, seeded per row and copy (the same row gets the same copies in any batch)
-        renoise, regens = initial_noise(tuple(x0.shape[1:]), [s * 7919 + 104729 * (j + 1) for j in range(self.n)
-                                                         for s in batch.seeds], device=x0.device, dtype=x0.dtype)
+        x0 = run.denoise(run.start_latent(noise), gens)
+        # fresh noise per copy j and row: the named stream (row seed, "renoise", j), the same in any batch
+        regens = [rng_stream(seed, "renoise", j) for j in range(self.n) for seed in batch.seeds]
+        shape = tuple(x0.shape[1:])
+        renoise = torch.stack([torch.randn(shape, generator=g) for g in regens]).to(x0.device)
         x0s = x0.detach().repeat(self.n, *([1] * (x0.ndim - 1)))
-        x_last = noise_to_step(run.scheduler, x0s, renoise, last)
+        x_last = noise_to_sigma(run.model_sampling, x0s, renoise, run.sigma(last))
         # one gradient step from the last step for all copies at once
-        run_n = _repeat_run(run, self.n)
-        latents = denoise(run_n.denoiser, run.scheduler, x_last, self.num_steps, start_step=last,
-                          generator=regens,
-                          eta=run.eta, grad_steps=lambda i: True, set_timesteps=False)
-        images = backbone.decode(latents)
-        return run_n.finish(images, batch.prompts * self.n, reward_fn, repeats=self.n)
-
-
-def _repeat_run(run, n: int):
-    """The same run with its prompts repeated ``n`` times (copy-major: rows ``j*B .. (j+1)*B-1`` are copy ``j``)."""
-    if n == 1:
-        return run
-    from ..backbones.base import Conditioning
-    from ..dual import GuidedModel
-    from .regularizers import KLToBase
-
-    def rep(c: Conditioning | None) -> Conditioning | None:
-        return None if c is None else Conditioning.cat([c] * n)
-
-    clone = object.__new__(type(run))
-    clone.__dict__.update(run.__dict__)
-    clone.guided = GuidedModel(run.guided.branch, rep(run.guided.cond), rep(run.guided.uncond))
-    base = run.denoiser.base
-    clone.denoiser = KLToBase(clone.guided, None if base is None else GuidedModel(base.branch, rep(base.cond),
-                                                                                   rep(base.uncond)))
-    return clone
+        denoiser_n = run.denoiser.repeat(self.n)
+        latents = run.denoise(x_last, regens, start_step=last, grad_steps=lambda i: True, denoiser=denoiser_n)
+        images = backbone.decode(latents.to(backbone.dtype))
+        return run.finish(images, batch.prompts * self.n, reward_fn, repeats=self.n, kl_from=denoiser_n)

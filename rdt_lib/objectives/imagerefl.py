@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones.base import Backbone
-from ..sampling import denoise, initial_noise
+from ..rng import rng_stream
+from ..sampling import initial_noise
 from .base import Batch, ObjectiveOutput, RewardFn
-from .common import SamplingObjective, diffusion_target, noise_to_step
+from .common import SamplingObjective, diffusion_target, noise_to_sigma
 from .refl import ReFL, check_stop_range, draw_stop_step, refl_step
 
 __all__ = ["ImageReFL"]
@@ -38,7 +39,7 @@ def _encode(backbone: Backbone, images: torch.Tensor, seeds: list[int]) -> torch
     for b, seed in enumerate(seeds):
         img = images[b: b + 1].to(backbone.device)
         if takes_generator:
-            rows.append(backbone.encode_images(img, generator=torch.Generator(img.device).manual_seed(int(seed) + 17)))
+            rows.append(backbone.encode_images(img, generator=rng_stream(seed, "vae_posterior", device=img.device)))
         else:
             rows.append(backbone.encode_images(img))
     return torch.cat(rows)
@@ -80,7 +81,8 @@ class ImageReFL(SamplingObjective):
     def plain_refl(self) -> ReFL:
         """The ReFL objective used on plain-ReFL steps (same settings)."""
         return ReFL(num_steps=self.num_steps, stop_range=tuple(self.stop_range), adapter=self.adapter,
-                    cfg_scale=self.cfg_scale, scheduler=self.scheduler, eta=self.eta, eta_range=self.eta_range,
+                    cfg_scale=self.cfg_scale, scheduler=self.scheduler, sampler=self.sampler, eta=self.eta,
+                    eta_range=self.eta_range,
                     kl_coeff=self.kl_coeff, reward_loss=self.reward_loss, hinge_margin=self.hinge_margin,
                     loss_scale=self.loss_scale, height=self.height, width=self.width,
                     negative_prompt=self.negative_prompt)
@@ -93,24 +95,22 @@ class ImageReFL(SamplingObjective):
         if batch.images is None:
             raise ValueError("ImageReFL needs real images: the batch has none (data.dataset)")
         run = self.start(backbone, batch)
-        sch = run.scheduler
         with torch.no_grad():
-            z0 = _encode(backbone, batch.images.float(), batch.seeds)
-        noise, gens = initial_noise(tuple(z0.shape[1:]), batch.seeds, device=z0.device, dtype=z0.dtype)
-        x_start = noise_to_step(sch, z0, noise, self.start_step)
+            z0 = _encode(backbone, batch.images.float(), batch.seeds).float()
+        noise, gens = initial_noise(tuple(z0.shape[1:]), batch.seeds, device=z0.device)
+        sigma0 = run.sigma(self.start_step)
+        x_start = noise_to_sigma(run.model_sampling, z0, noise, sigma0)
 
         aux = {}
         if self.diffusion_loss_weight > 0:
-            t0 = sch.timesteps[self.start_step]
             with torch.enable_grad():
-                pred = run.conditional_prediction(sch.scale_model_input(x_start, t0), t0)
-                target = diffusion_target(sch, z0, noise, t0, backbone.prediction_type)
+                pred = run.conditional_prediction(x_start, sigma0)
+                target = diffusion_target(run.model_sampling, z0, noise, sigma0)
                 mse = ((pred.float() - target.float()) ** 2).mean()
             aux["diffusion_mse"] = (self.diffusion_loss_weight, mse)
 
         stop = draw_stop_step(self.stop_range, batch)
-        latents = denoise(run.denoiser, sch, x_start, self.num_steps, start_step=self.start_step, end_step=stop,
-                          generator=gens, eta=run.eta, set_timesteps=False)
+        latents = run.denoise(x_start, gens, start_step=self.start_step, end_step=stop)
         x0 = refl_step(run, latents, stop)
-        images = backbone.decode(x0)
+        images = backbone.decode(x0.to(backbone.dtype))
         return run.finish(images, batch.prompts, reward_fn, aux, extra_metrics={"stop_step": float(stop)})

@@ -2,7 +2,7 @@
 
 Sample a ``num_steps`` schedule (40 in the paper) from noise without gradient up to a stop step ``s`` drawn
 uniformly from ``stop_range`` (inclusive, default [30, 39]); at step ``s`` evaluate the tuned model with gradient,
-predict x0 from its output (epsilon or v-prediction, the scheduler's ``alphas_cumprod``), decode and score.
+take its x0 estimate (the denoiser's output, :mod:`rdt_lib.model_sampling`), decode and score.
 ImageReward's loss is ``relu(2 - reward) * 1e-3`` (``reward_loss="hinge"``, ``loss_scale=0.001``).
 The stop step is drawn once per micro-batch from ``Batch.batch_seed``.
 """
@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones.base import Backbone
-from ..sampling import denoise
 from .base import Batch, ObjectiveOutput, RewardFn
-from .common import ObjectiveRun, SamplingObjective, predict_x0
+from .common import ObjectiveRun, SamplingObjective
 
 __all__ = ["ReFL", "refl_step", "draw_stop_step"]
 
@@ -31,17 +30,14 @@ def check_stop_range(stop_range: tuple[int, int], num_steps: int) -> None:
 def draw_stop_step(stop_range: tuple[int, int], batch: Batch) -> int:
     """A step index drawn uniformly from ``[first, last]`` with the batch's per-batch generator."""
     lo, hi = int(stop_range[0]), int(stop_range[1])
-    return int(torch.randint(lo, hi + 1, (1,), generator=batch.generator(2)).item())
+    return int(torch.randint(lo, hi + 1, (1,), generator=batch.generator("stop_step")).item())
 
 
 def refl_step(run: ObjectiveRun, latents: torch.Tensor, step: int) -> torch.Tensor:
-    """With gradient: the tuned model's guided prediction at step index ``step`` and the x0 estimate from it."""
-    sch = run.scheduler
-    t = sch.timesteps[step]
+    """With gradient: the tuned model's guided x0 estimate for ``latents`` at step index ``step``'s sigma."""
+    sigma = torch.full((latents.shape[0],), run.sigma(step), device=latents.device)
     with torch.enable_grad():
-        model_input = sch.scale_model_input(latents, t)
-        pred = run.denoiser(model_input, t, step, run.obj.num_steps)
-        return predict_x0(sch, latents, pred, step, run.backbone.prediction_type)
+        return run.denoiser(latents, sigma)
 
 
 @dataclass
@@ -64,8 +60,7 @@ class ReFL(SamplingObjective):
         run = self.start(backbone, batch)
         noise, gens = run.noise()
         stop = draw_stop_step(self.stop_range, batch)
-        latents = denoise(run.denoiser, run.scheduler, noise * run.scheduler.init_noise_sigma, self.num_steps,
-                          end_step=stop, generator=gens, eta=run.eta, set_timesteps=False)
+        latents = run.denoise(run.start_latent(noise), gens, end_step=stop)
         x0 = refl_step(run, latents, stop)
-        images = backbone.decode(x0)
+        images = backbone.decode(x0.to(backbone.dtype))
         return run.finish(images, batch.prompts, reward_fn, extra_metrics={"stop_step": float(stop)})

@@ -1,11 +1,11 @@
 """Regularisers that combine with any objective (SPEC.md section 2: DRaFT+ and R0).
 
 - :class:`KLToBase` (DRaFT+): a denoiser wrapper that, on every step that runs with gradient, also evaluates the
-  base model (adapter disabled, no gradient) on the same input and accumulates ``mean((eps_tuned - eps_base)^2)``;
-  the KL term is the mean over those steps.
+  base model (adapter disabled, no gradient) on the same input and accumulates ``mean((eps_tuned - eps_base)^2)``
+  over the guided network outputs; the KL term is the mean over those steps.
 - :func:`l2_to_init` (R0): ``sum((w - w_init)^2)`` over the trainable weights.
 - :func:`random_eta` (R0): a DDIM eta drawn uniformly per sampling step, as the ``eta`` callable of
-  :func:`rdt_lib.sampling.denoise`.
+  :func:`rdt_lib.sampling.run_sampler`.
 - :func:`normalized_reward_gradients` (R0): each reward's gradient divided by its own norm before summing.
 """
 
@@ -15,35 +15,43 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..dual import GuidedModel
+from ..denoisers import GuidedDenoiser
 
 __all__ = ["KLToBase", "l2_to_init", "random_eta", "normalized_reward_gradients"]
 
 
 class KLToBase:
-    """Denoiser ``(x, t, i, n) -> guided tuned prediction`` that records the squared distance to the base model.
+    """Denoiser ``(x, sigma) -> guided tuned x0`` that records the squared distance to the base model.
 
     Args:
         tuned: the trained model (LoRA adapter on) bound to its prompts, with its CFG.
         base: the same prompts and CFG with the adapter disabled (``adapter=None``); None = no KL (plain wrapper).
 
-    On a step evaluated with autograd on (a DRaFT gradient step, a ReFL prediction step) the base prediction is
-    computed under ``torch.no_grad`` and ``mean((pred_tuned - pred_base)^2)`` (over every element, float32) is
-    stored; :attr:`value` is the mean over the recorded steps (0 when none).
+    On a step evaluated with autograd on (a DRaFT gradient step, a ReFL prediction step) the base model's guided
+    network output is computed under ``torch.no_grad`` and ``mean((out_tuned - out_base)^2)`` (the eps, or v,
+    predictions; over every element, float32) is stored; :attr:`value` is the mean over the recorded steps.
     """
 
-    def __init__(self, tuned: GuidedModel, base: GuidedModel | None) -> None:
+    def __init__(self, tuned: GuidedDenoiser, base: GuidedDenoiser | None) -> None:
         self.tuned = tuned
         self.base = base
         self.terms: list[torch.Tensor] = []
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, i: int = 0, n: int = 0) -> torch.Tensor:
-        pred = self.tuned.predict(x, t)
+    @property
+    def model_sampling(self):
+        return self.tuned.model_sampling
+
+    def repeat(self, n: int) -> "KLToBase":
+        """A fresh wrapper (no recorded terms) with the prompts repeated ``n`` times (copy-major rows)."""
+        return KLToBase(self.tuned.repeat(n), None if self.base is None else self.base.repeat(n))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = self.tuned.guided_output(x, sigma)
         if self.base is not None and torch.is_grad_enabled():
             with torch.no_grad():
-                ref = self.base.predict(x.detach(), t)
-            self.terms.append(((pred.float() - ref.float()) ** 2).mean())
-        return pred
+                ref = self.base.guided_output(x.detach(), sigma)
+            self.terms.append(((out.float() - ref.float()) ** 2).mean())
+        return self.tuned.denoised(x, sigma, out)
 
     @property
     def value(self) -> torch.Tensor | None:
@@ -67,7 +75,7 @@ def l2_to_init(params: Mapping[str, torch.Tensor], init: Mapping[str, torch.Tens
 def random_eta(low: float, high: float, num_steps: int, generator: torch.Generator) -> Callable[[int], float]:
     """A per-step DDIM eta: ``num_steps`` values drawn uniformly from ``[low, high]`` with ``generator``.
 
-    Returns ``eta(i)`` for step index ``i`` (0 = noisiest), as :func:`rdt_lib.sampling.denoise` takes it.
+    Returns ``eta(i)`` for step index ``i`` (0 = noisiest), as :func:`rdt_lib.sampling.run_sampler` takes it.
     """
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"random eta range must satisfy 0 <= low <= high <= 1, got [{low}, {high}]")

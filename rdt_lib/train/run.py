@@ -390,7 +390,7 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 @torch.no_grad()
 def validation_grid(backbone, config: TrainConfig, prompts: list[str]) -> torch.Tensor:
     """The tuned model's images for ``prompts`` x ``config.validation.seeds`` as one grid ``[3, H', W']``."""
-    from ..dual import ModelBranch
+    from ..denoisers import ModelBranch
     from ..sampling import sample
 
     v, s = config.validation, config.sampling

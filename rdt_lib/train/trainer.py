@@ -34,6 +34,7 @@ from ..backbones.base import Backbone
 from ..lora import lora_parameters
 from ..objectives.base import Batch, Objective, RewardFn
 from ..objectives.regularizers import l2_to_init, normalized_reward_gradients
+from ..rng import stream_seed
 
 __all__ = ["TrainerSettings", "RewardTrainer", "NonFiniteLossError", "DataSource", "PromptSource", "lr_factor"]
 
@@ -229,7 +230,7 @@ class RewardTrainer:
         for j in range(a):
             lo = j * b * w + self.rank * b
             prompts, images = self.data.get(idx[lo: lo + b])
-            batches.append(Batch(prompts, seeds[lo: lo + b], images=images, batch_seed=step_seed * 64 + j,
+            batches.append(Batch(prompts, seeds[lo: lo + b], images=images, batch_seed=stream_seed(step_seed, "micro_batch", j),
                                  step=self.step_count))
         return batches
 
