@@ -68,7 +68,8 @@ def test_unset_cfg_is_the_backbones_own_default():
     one with cfg_scale = 5 and differs from the one with 7.5."""
     backbone = tiny_backbone(sdxl=True)
     assert backbone.default_cfg == 5.0
-    reward = lambda images, prompts: images.mean(dim=(1, 2, 3))  # noqa: E731
+    # x1000: the tiny random model's images move little with CFG; the loss differences must clear the tolerance
+    reward = lambda images, prompts: 1000 * images.mean(dim=(1, 2, 3))  # noqa: E731
     batch = Batch(["a cat", "a dog"], [3, 4], batch_seed=1)
     losses = {}
     for cfg in (None, 5.0, 7.5):
@@ -77,5 +78,5 @@ def test_unset_cfg_is_the_backbones_own_default():
         with torch.no_grad():
             losses[cfg] = float(objective(backbone, reward, batch).loss)
     assert load_config([], check_inputs=False).sampling.cfg_scale is None
-    assert abs(losses[5.0] - losses[7.5]) > 1e-4
-    assert losses[None] == pytest.approx(losses[5.0], abs=1e-7)
+    assert abs(losses[5.0] - losses[7.5]) > 1e-2
+    assert losses[None] == pytest.approx(losses[5.0], abs=1e-5)
