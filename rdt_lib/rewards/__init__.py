@@ -18,6 +18,7 @@ from .clip_rewards import AestheticReward, ClipSimilarityReward, clipscore_rewar
 from .combined import IMAGEREFL_NORMALIZATION, CombinedReward, CombinedScore, Normalization, Standardize
 from .errors import RewardCheckpointError, RewardInputError, RewardWeightsNotFoundError, UnknownRewardError
 from .heads import LinearMLPHead
+from .identify import check_reward_path, identify_reward_file
 from .hps import clip_model_from_open_clip, hps_reward_from_state_dict, open_clip_to_transformers
 from .imagereward import ImageRewardModel, imagereward_from_state_dict
 from .preprocess import ImagePreprocess
@@ -25,6 +26,8 @@ from .registry import RewardInfo, available, clear_cache, load_reward
 
 __all__ = [
     "load_reward",
+    "identify_reward_file",
+    "check_reward_path",
     "available",
     "clear_cache",
     "RewardInfo",
