@@ -15,7 +15,15 @@ Rewards and units (float32 ``[B]``, differentiable with respect to the images):
 
 from .base import RewardModel, validate_images, validate_prompts
 from .clip_rewards import AestheticReward, ClipSimilarityReward, clipscore_reward, pickscore_reward
-from .combined import IMAGEREFL_NORMALIZATION, CombinedReward, CombinedScore, Normalization, Standardize
+from .combined import (
+    IMAGEREFL_NORMALIZATION,
+    CombinedReward,
+    CombinedScore,
+    Normalization,
+    Standardize,
+    combine_parts,
+    make_normalizer,
+)
 from .errors import RewardCheckpointError, RewardInputError, RewardWeightsNotFoundError, UnknownRewardError
 from .heads import LinearMLPHead
 from .identify import check_reward_path, identify_reward_file
@@ -44,6 +52,8 @@ __all__ = [
     "Normalization",
     "Standardize",
     "IMAGEREFL_NORMALIZATION",
+    "combine_parts",
+    "make_normalizer",
     "ImagePreprocess",
     "RewardInputError",
     "RewardCheckpointError",
