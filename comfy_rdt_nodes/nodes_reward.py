@@ -277,7 +277,7 @@ def comfy_images_to_bchw(images: object) -> tuple[torch.Tensor, list[str]]:
             f"images must be in [0, 1] (ComfyUI IMAGE), got values in [{lo:.4g}, {hi:.4g}]; refused rather than "
             "clamped. Scale or clamp them before the scorer (0..255 values: divide by 255)."
         )
-    return images.permute(0, 3, 1, 2).float(), notes
+    return images.permute(0, 3, 1, 2).float().contiguous(), notes  # contiguous: resizing a channels-last view is slower
 
 
 def split_prompts(prompt: str, batch_size: int, needed: bool) -> list[str] | None:
