@@ -158,7 +158,10 @@ class RewardHandle:
             return self.reward.device
         import comfy.model_management
 
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        try:  # whole: the reward's plain torch layers cannot run partly offloaded
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        except TypeError:  # ComfyUI before force_full_load (2024)
+            comfy.model_management.load_models_gpu([self.patcher])
         devices = {p.device for p in self.reward.parameters()}
         if len(devices) > 1:  # a partial load (e.g. --novram) leaves plain modules behind: score in one place
             log.warning("reward %s was loaded partially (%s); moving it to %s whole", self.name, devices,

@@ -173,3 +173,13 @@ def test_released_clip_sizes_tell_pickscore_from_clip_l(tmp_path):
     with pytest.raises(RewardCheckpointError, match=r"its CLIP is ViT-H/14, clipscore uses CLIP ViT-L/14.*'pickscore'"):
         load_reward("clipscore", path=clip_h)
     assert identify_reward_file(clip_h)[1]["family"] == "ViT-H/14"
+
+
+@pytest.mark.parametrize("source", ["sd_checkpoint_file", "lora_file"])
+def test_weights_of_no_reward_list_what_each_reward_expects(sources, source):
+    with pytest.raises(RewardCheckpointError) as err:
+        load_reward("pickscore", path=sources[source])
+    msg = str(err.value)
+    assert "Each reward expects" in msg
+    for words in EXPECT_WORDS.values():
+        assert words in msg

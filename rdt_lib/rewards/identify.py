@@ -329,10 +329,11 @@ def check_reward_path(reward: str, path: str | Path) -> tuple[str, dict]:
         hint = f" ({why}).{hint}"
     else:
         hint = "." + hint
-    raise RewardCheckpointError(
-        f"weights for reward {reward!r} do not fit: {describe(kind, details)}{hint} "
-        f"{expected_text(reward)[0].upper()}{expected_text(reward)[1:]}."
-    )
+    expects = expected_text(reward)
+    expects = expects[0].upper() + expects[1:] + "."
+    if not others:  # fits no reward: say what each one expects
+        expects += " Each reward expects: " + expected_text() + "."
+    raise RewardCheckpointError(f"weights for reward {reward!r} do not fit: {describe(kind, details)}{hint} {expects}")
 
 
 __all__ = ["identify_reward_file", "check_reward_path", "describe", "expected_text", "suitable_rewards",
