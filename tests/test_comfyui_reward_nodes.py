@@ -103,6 +103,8 @@ def test_best_of_n_workflow_end_to_end(comfy_server, reward_models):
             assert meta["rank"] == rank and meta["batch_index"] == index
             assert meta["score"] == pytest.approx(combined[index], abs=2e-4)
             assert im.size == (64, 64) and "prompt" in im.text
+    # the rewards went through ComfyUI's model management (load_models_gpu logs each model it loads)
+    assert "Requested to load _ManagedReward" in comfy_server.log_text()
 
 
 def test_wrong_weights_is_a_node_error_and_the_server_keeps_serving(comfy_server, reward_models):
@@ -125,3 +127,49 @@ def test_wrong_weights_is_a_node_error_and_the_server_keeps_serving(comfy_server
         comfy_server.run(big_k, timeout=600)
     assert "RDTRewardScorer" in comfy_server.object_info()
     assert comfy_server.run(graph, timeout=600)["outputs"]
+
+
+@pytest.mark.browser
+def test_scorer_table_shows_on_the_node_in_the_frontend(comfy_server, comfy_models, reward_models, tmp_path):
+    """The best-of-N UI workflow in ComfyUI's frontend (headless Chromium): after a run queued from the page the
+    Reward Scorer node shows its table (web/js extension), and the display widget is not saved in the workflow."""
+    import time
+
+    import comfyui_browser as cb
+    from test_comfyui_browser import prepare_for_test_run
+
+    missing = cb.browser_missing()
+    if missing:
+        pytest.skip(missing)
+    workflow = json.loads(UI_FILE.read_text())
+    scorer_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "RDTRewardScorer")
+    driver = cb.start_chromium(tmp_path / "profile")
+    try:
+        page = cb.ComfyPage(driver, comfy_server.url)
+        page.open()
+        report = page.load(workflow)
+        assert not report.zod_alerts and not report.missing_nodes_dialogs and not report.load_error
+        prepare_for_test_run(page, Path(comfy_models))
+        page.set_widget(next(n["id"] for n in workflow["nodes"] if n["type"] == "EmptyLatentImage"),
+                        "batch_size", 3)
+        ids = page.queue()
+        assert ids
+        entry = comfy_server.wait(ids[0], timeout=900)
+        assert (entry.get("status") or {}).get("status_str") == "success", entry.get("status")
+        table = entry["outputs"][str(scorer_id)]["text"][0]
+        deadline = time.monotonic() + 60
+        shown = None
+        while time.monotonic() < deadline:
+            shown = driver.execute_script(
+                "const n = window.app.graph.getNodeById(arguments[0]);"
+                "const w = (n.widgets || []).find(w => w.name === 'rdt_scores');"
+                "return w ? {value: w.value, saved: n.serialize().widgets_values} : null;", scorer_id)
+            if shown and shown["value"]:
+                break
+            time.sleep(0.5)
+        assert shown is not None and shown["value"] == table
+        assert "combined" in shown["value"] and len(shown["value"].splitlines()) >= 4
+        original = next(n for n in workflow["nodes"] if n["id"] == scorer_id)["widgets_values"]
+        assert len(shown["saved"]) == len(original)  # the display widget is not serialised
+    finally:
+        driver.quit()
