@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("comfyui_server", reason="tests/comfyui_server.py (branch host) is not merged yet")
-
-import reward_fixtures as fx  # noqa: E402
-from test_workflow_best_of_n import API_FILE, CORE_WIDGETS, UI_FILE  # noqa: E402
+import reward_fixtures as fx
+from test_workflow_best_of_n import API_FILE, CORE_WIDGETS, UI_FILE
 
 pytestmark = pytest.mark.comfyui
 
