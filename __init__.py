@@ -15,5 +15,5 @@ if _here not in sys.path:
 
 from comfy_rdt_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web/js"  # the Reward Scorer shows its table on the node
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

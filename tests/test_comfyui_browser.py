@@ -153,9 +153,17 @@ def _write_stand_in_lora(path: Path) -> None:
                f"{key}.alpha": torch.tensor(1.0)}, str(path))
 
 
+def _write_tiny_reward(rewards_dir: Path, reward: str) -> str:
+    """A tiny random-weight reward of that name in models/rewards; returns its weights choice ("tiny-<name>/")."""
+    import reward_fixtures
+
+    return reward_fixtures.make_tiny_reward(reward, rewards_dir).name + "/"
+
+
 def prepare_for_test_run(page: cb.ComfyPage, models_dir: Path) -> list[str]:
     """Point the loaded graph at the test models, as a user would edit widgets: every ``ckpt_name`` at the tiny
-    checkpoint, latent sizes at 64, every ``lora_name`` not on the host at a stand-in LoRA of that name.
+    checkpoint, latent sizes at 64, every ``lora_name`` not on the host at a stand-in LoRA of that name, every
+    reward loader's missing ``weights`` at a tiny reward of its reward name.
     Returns what was changed."""
     changes = []
     for node in page.widgets():
@@ -171,6 +179,12 @@ def prepare_for_test_run(page: cb.ComfyPage, models_dir: Path) -> list[str]:
                   and not (models_dir / "loras" / value).exists()):
                 _write_stand_in_lora(models_dir / "loras" / value)
                 changes.append(f"{node['type']}#{node['id']}.lora_name: stand-in file {value}")
+            elif node["type"] == "RDTRewardModelLoader" and name == "weights" and value != "default" and not (
+                    models_dir / "rewards" / value).exists():
+                reward = next(x["value"] for x in node["widgets"] if x["name"] == "reward")
+                tiny = _write_tiny_reward(models_dir / "rewards", reward)
+                page.set_widget(node["id"], name, tiny)
+                changes.append(f"{node['type']}#{node['id']}.weights: {value} -> {tiny}")
     return changes
 
 
