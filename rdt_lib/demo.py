@@ -106,7 +106,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
         DraftK(num_steps=cfg.sample_steps, k=cfg.draft_k, adapter="tuned", sampler="ddim", scheduler=SIGMAS),
         reward,
         [""],
-        settings=TrainerSettings(lr=cfg.draft_lr, batch_size=cfg.draft_batch, grad_clip=10.0, seed=cfg.seed),
+        settings=TrainerSettings(lr=cfg.draft_lr, batch_size=cfg.draft_batch, grad_clip=10.0, weight_decay=0.0,
+                                 seed=cfg.seed),
     )
     history = trainer.train(cfg.draft_steps, progress=progress)
     first = sum(h["reward"] for h in history[:10]) / min(10, len(history))
