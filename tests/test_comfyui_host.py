@@ -132,13 +132,13 @@ def test_skipped_comfyui_test_fails_only_when_a_host_is_set(pytester, monkeypatc
         monkeypatch.setenv("COMFYUI_DIR", str(tree))
     else:
         monkeypatch.delenv("COMFYUI_DIR", raising=False)
-    result = pytester.runpytest_inprocess("-rA", "-k", "marked_skip or plain_skip")
+    result = pytester.runpytest_subprocess("-rA", "-k", "marked_skip or plain_skip")
     if host_set:
         result.assert_outcomes(failed=1, skipped=1)
         result.stdout.fnmatch_lines(["*skipped although COMFYUI_DIR=*"])
     else:
         result.assert_outcomes(skipped=2)
     if not host_set:
-        result = pytester.runpytest_inprocess("-rs", "-k", "fixture_skip")
+        result = pytester.runpytest_subprocess("-rs", "-k", "fixture_skip")
         result.assert_outcomes(skipped=1)
         result.stdout.fnmatch_lines(["*scripts/comfyui_host.sh*"])
