@@ -43,35 +43,11 @@ from rdt_lib.schedules import Schedule, parse_schedule
 
 from .forward_lora import TunedRows, attach_row_loras
 from .lora_patches import extra_patches, plan_forward_patches
+from .model_pair import check_model_pair
 
 __all__ = ["DualModelGuider", "check_model_pair"]
 
 TUNED_KEY = "rdt_tuned_model"
-
-
-def _describe(model) -> str:
-    inner = getattr(model, "model", None)
-    return f"{type(inner).__name__} ({type(getattr(inner, 'latent_format', None)).__name__} latents)"
-
-
-def check_model_pair(base, tuned) -> None:
-    """Raise ``ValueError`` unless both MODELs share a latent format and a model type (the conditioning is
-    prepared once, by the base model, for both)."""
-    for name, m in (("base", base), ("tuned", tuned)):
-        if not hasattr(m, "model") or not hasattr(m, "clone"):
-            raise ValueError(f"the {name} input is not a ComfyUI MODEL (got {type(m).__name__})")
-    b, t = base.model, tuned.model
-    if type(b.latent_format) is not type(t.latent_format):
-        raise ValueError(
-            f"the base and tuned models use different latent formats: base {_describe(base)}, tuned "
-            f"{_describe(tuned)}; both models must share a latent format (e.g. two SD1.5 models, or two SDXL models)"
-        )
-    if type(b) is not type(t):
-        raise ValueError(
-            f"the base and tuned models are of different model types: base {_describe(base)}, tuned "
-            f"{_describe(tuned)}; accepted: two models of the same type (e.g. an SD1.5 checkpoint and its "
-            "fine-tune, or a model and the same model after a LoRA loader)"
-        )
 
 
 def _cfg1_skip(cfg: float, model_options: dict) -> bool:

@@ -288,3 +288,39 @@ def test_plan_rejects_patches_for_another_architecture():
         plan_forward_patches(model, {"diffusion_model.missing.weight": [wrong]})
     with pytest.raises(ValueError, match="another architecture"):
         plan_forward_patches(model, {"diffusion_model.fc.weight": [_entry(("diff", (torch.zeros(2, 2),)))]})
+
+
+# --- model pair checks (duck-typed ModelPatchers) ----------------------------------------------------------------
+
+class _SD15Latent: ...
+
+
+class _SDXLLatent: ...
+
+
+class _BaseModel:
+    def __init__(self, latent):
+        self.latent_format = latent()
+
+
+class _SDXLModel(_BaseModel): ...
+
+
+class _Patcher:
+    def __init__(self, model):
+        self.model = model
+
+    def clone(self):
+        return _Patcher(self.model)
+
+
+def test_model_pair_needs_one_latent_format_and_model_type():
+    from comfy_rdt_nodes.model_pair import check_model_pair
+
+    check_model_pair(_Patcher(_BaseModel(_SD15Latent)), _Patcher(_BaseModel(_SD15Latent)))
+    with pytest.raises(ValueError, match="different latent formats.*_SD15Latent.*_SDXLLatent"):
+        check_model_pair(_Patcher(_BaseModel(_SD15Latent)), _Patcher(_BaseModel(_SDXLLatent)))
+    with pytest.raises(ValueError, match="different model types"):
+        check_model_pair(_Patcher(_BaseModel(_SD15Latent)), _Patcher(_SDXLModel(_SD15Latent)))
+    with pytest.raises(ValueError, match="not a ComfyUI MODEL"):
+        check_model_pair(_Patcher(_BaseModel(_SD15Latent)), "model.safetensors")
