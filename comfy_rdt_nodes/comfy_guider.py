@@ -41,7 +41,7 @@ import comfy.samplers
 from rdt_lib.mix import DualDenoiser
 from rdt_lib.schedules import Schedule, parse_schedule
 
-from .forward_lora import TunedRows, attach_row_loras
+from .forward_lora import TunedRows, attach_row_loras, tuned_chunk_positions
 from .lora_patches import extra_patches, plan_forward_patches
 from .model_pair import check_model_pair
 
@@ -177,7 +177,7 @@ class DualModelGuider(comfy.samplers.CFGGuider):
 
         def mark_tuned_rows(apply_model, args):
             chunks = list(args["cond_or_uncond"])
-            tuned = [j for j, c in enumerate(chunks) if c >= 2]
+            tuned = tuned_chunk_positions(chunks, first_tuned=2)
             with rows.scoped(rows.set_chunks, tuned, len(chunks)):
                 if previous is not None:
                     return previous(apply_model, args)

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LowRankTerm", "TunedRows", "supports_row_lora", "attach_row_loras", "merged_weight"]
+__all__ = ["LowRankTerm", "TunedRows", "supports_row_lora", "attach_row_loras", "merged_weight", "tuned_chunk_positions"]
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -139,6 +139,12 @@ class TunedRows:
                 self._index_cache.clear()
             self._index_cache[key] = idx
         return idx
+
+
+def tuned_chunk_positions(cond_or_uncond: Sequence[int], first_tuned: int) -> list[int]:
+    """Positions of the tuned chunks in a batch whose chunks are the conds ``cond_or_uncond`` (ComfyUI's list
+    of cond indices, in batch order); conds ``first_tuned`` and above are the tuned model's."""
+    return [pos for pos, cond in enumerate(cond_or_uncond) if cond >= first_tuned]
 
 
 def _make_hook(terms: Sequence[LowRankTerm], rows: TunedRows):

@@ -324,3 +324,25 @@ def test_model_pair_needs_one_latent_format_and_model_type():
         check_model_pair(_Patcher(_BaseModel(_SD15Latent)), _Patcher(_SDXLModel(_SD15Latent)))
     with pytest.raises(ValueError, match="not a ComfyUI MODEL"):
         check_model_pair(_Patcher(_BaseModel(_SD15Latent)), "model.safetensors")
+
+
+def test_tuned_chunks_follow_comfyuis_batch_order():
+    """calc_cond_batch may batch the conds [base+, base-, tuned+, tuned-] in any order (it pops them reversed);
+    the rows of the chunks whose cond index is 2 or 3 get the LoRA."""
+    from comfy_rdt_nodes.forward_lora import tuned_chunk_positions
+
+    assert tuned_chunk_positions([3, 2, 1, 0], 2) == [0, 1]
+    assert tuned_chunk_positions([2, 0], 2) == [0]  # both CFG-1 negatives skipped
+    assert tuned_chunk_positions([1, 0], 2) == []
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(4, 4)
+    term = _term(4, (4,), 2, 1.0, 9)
+    ref = _reference(lin, [term])
+    x = torch.randn(2, 4)
+    xx = torch.cat([x, x, x, x])  # chunks in batch order: conds 3, 2, 1, 0
+    rows = TunedRows()
+    with attach_row_loras([(lin, [term])], rows):
+        with rows.scoped(rows.set_chunks, tuned_chunk_positions([3, 2, 1, 0], 2), 4):
+            out = lin(xx)
+    assert (out[:4] - ref(xx[:4])).abs().max() <= 1e-5
+    assert (out[4:] - lin(xx[4:])).abs().max() <= 1e-6
