@@ -15,6 +15,7 @@ TINY = "rdt_tiny_sd15.safetensors"
 TINY_B = "rdt_tiny_sd15_seed1.safetensors"  # an independent checkpoint (a "full fine-tune" of the same type)
 LORA = "rdt_tiny_lora.safetensors"
 LORA_WRONG = "rdt_tiny_lora_wrong_shapes.safetensors"
+LOHA = "rdt_tiny_loha.safetensors"
 
 
 class Graph:
@@ -105,7 +106,7 @@ def tiny_unet_modules():
     return picked
 
 
-def write_kohya_lora(path: Path, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, up_std: float = 0.05,
+def write_kohya_lora(path: Path, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, up_std: float = 0.01,
                      wrong_shapes: bool = False) -> Path:
     """A kohya LoRA (``lora_unet_<diffusers path with _>``) for the tiny UNet with non-zero up weights; with
     ``wrong_shapes`` every down matrix has 7 input features too many (a LoRA of another architecture)."""
@@ -126,6 +127,26 @@ def write_kohya_lora(path: Path, *, rank: int = 4, alpha: float = 2.0, seed: int
             up = torch.randn(m.out_channels, rank, 1, 1, generator=g) * up_std
         tensors[key + ".lora_down.weight"] = down.contiguous()
         tensors[key + ".lora_up.weight"] = up.contiguous()
+        tensors[key + ".alpha"] = torch.tensor(float(alpha))
+    save_lora_safetensors(path, tensors)
+    return path
+
+
+def write_loha(path: Path, *, rank: int = 4, alpha: float = 4.0, seed: int = 1, std: float = 0.1) -> Path:
+    """A LyCORIS LoHa (``hada_w1_a`` ...) on the tiny UNet's attention / feed-forward linears: a patch type the
+    per-row LoRA path does not take, so the tuned model runs through weight functions."""
+    from rdt_lib.lora_io import save_lora_safetensors
+
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in tiny_unet_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[key + ".hada_w1_a"] = torch.randn(m.out_features, rank, generator=g) * std
+        tensors[key + ".hada_w1_b"] = torch.randn(rank, m.in_features, generator=g) * std
+        tensors[key + ".hada_w2_a"] = torch.randn(m.out_features, rank, generator=g) * std
+        tensors[key + ".hada_w2_b"] = torch.randn(rank, m.in_features, generator=g) * std
         tensors[key + ".alpha"] = torch.tensor(float(alpha))
     save_lora_safetensors(path, tensors)
     return path

@@ -18,7 +18,7 @@ from comfy_graphs import Graph
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234
 STEPS = 5
-CFG_BASE, CFG_TUNED = 6.0, 4.0
+CFG_BASE, CFG_TUNED = 2.0, 1.5  # moderate CFG: the random UNet's latents are ~250 in size
 TOL_BASE, TOL_TUNED = 1e-4, 1e-3
 
 
@@ -28,6 +28,7 @@ def files(comfy_models):
 
     cg.write_kohya_lora(comfy_models / "loras" / cg.LORA)
     cg.write_kohya_lora(comfy_models / "loras" / cg.LORA_WRONG, wrong_shapes=True)
+    cg.write_loha(comfy_models / "loras" / cg.LOHA)
     if not (comfy_models / "checkpoints" / cg.TINY_B).exists():
         write_tiny_sd15_checkpoint(comfy_models / "checkpoints" / cg.TINY_B, seed=1)
     return comfy_models
@@ -79,7 +80,7 @@ def test_switch_equals_the_ksampleradvanced_chain_with_euler(server):
     g = Graph()
     p = cg.base_pipeline(g)
     lora = cg.lora_model(g, p["model"])
-    cfg = 5.0
+    cfg = 2.0
     first = g.add("KSamplerAdvanced", model=p["model"], add_noise="enable", noise_seed=SEED, steps=STEPS, cfg=cfg,
                   sampler_name="euler", scheduler="normal", positive=p["positive"], negative=p["negative"],
                   latent_image=p["latent"], start_at_step=0, end_at_step=k, return_with_leftover_noise="enable")
@@ -104,7 +105,7 @@ def test_denoise_below_one_counts_the_steps_actually_run(server):
     g = Graph()
     p = cg.base_pipeline(g)
     lora = cg.lora_model(g, p["model"])
-    cfg = 5.0
+    cfg = 2.0
     start = cg.ksampler(g, p, p["model"], seed=7, steps=3, cfg=cfg, sampler="euler")  # a non-empty input latent
     first = g.add("KSamplerAdvanced", model=p["model"], add_noise="enable", noise_seed=SEED, steps=2 * steps, cfg=cfg,
                   sampler_name="euler", scheduler="normal", positive=p["positive"], negative=p["negative"],
@@ -125,30 +126,34 @@ def test_denoise_below_one_counts_the_steps_actually_run(server):
     assert _maxdiff(lat["dual"], lat["chain"]) <= TOL_TUNED
 
 
-@pytest.mark.parametrize("two_checkpoints", [False, True], ids=["base+lora", "two-checkpoints"])
-def test_one_euler_step_mixes_the_guided_predictions(server, two_checkpoints):
+@pytest.mark.parametrize("tuned_kind", ["lora", "loha", "checkpoint"])
+def test_one_euler_step_mixes_the_guided_predictions(server, tuned_kind):
     """With one Euler step to sigma 0 the result is the denoised prediction itself, so a constant weight w gives
     exactly (1 - w) * KSampler(base) + w * KSampler(tuned) (one-step runs): the mix, each model's own CFG and the
-    batched base + tuned forward pass checked against ComfyUI's own runs."""
+    batched base + tuned forward pass (LoRA), the weight-function path (LoHa) and two checkpoints checked
+    against ComfyUI's own runs."""
     w = 0.25
     g = Graph()
     p = cg.base_pipeline(g)
-    if two_checkpoints:
+    if tuned_kind == "checkpoint":
         tuned = [g.add("CheckpointLoaderSimple", ckpt_name=cg.TINY_B), 0]
     else:
-        tuned = cg.lora_model(g, p["model"])
+        tuned = cg.lora_model(g, p["model"], lora=cg.LOHA if tuned_kind == "loha" else cg.LORA)
     kw = dict(seed=SEED, steps=1, sampler="euler")
     ids = {
-        "ref_base": cg.save(g, cg.ksampler(g, p, p["model"], cfg=CFG_BASE, **kw), "m_rb"),
-        "ref_tuned": cg.save(g, cg.ksampler(g, p, tuned, cfg=CFG_TUNED, **kw), "m_rt"),
+        "ref_base": cg.save(g, cg.ksampler(g, p, p["model"], cfg=CFG_BASE, **kw), f"m_rb_{tuned_kind}"),
+        "ref_tuned": cg.save(g, cg.ksampler(g, p, tuned, cfg=CFG_TUNED, **kw), f"m_rt_{tuned_kind}"),
         "mix": cg.save(g, cg.dual(g, p, p["model"], tuned, cfg_base=CFG_BASE, cfg_tuned=CFG_TUNED,
-                                  schedule=f"keyframes:0={w}", **kw), "m_mix"),
+                                  schedule=f"keyframes:0={w}", **kw), f"m_mix_{tuned_kind}"),
+        "tuned": cg.save(g, cg.dual(g, p, p["model"], tuned, cfg_base=CFG_BASE, cfg_tuned=CFG_TUNED,
+                                    schedule="tuned", **kw), f"m_tuned_{tuned_kind}"),
     }
     lat = cg.latents(server, server.run(g.nodes), ids)
     assert _maxdiff(lat["ref_base"], lat["ref_tuned"]) > 100 * TOL_TUNED
     expected = (1 - w) * lat["ref_base"] + w * lat["ref_tuned"]
     assert _maxdiff(lat["mix"], expected) <= TOL_TUNED
     assert _maxdiff(lat["mix"], lat["ref_base"]) > 20 * TOL_TUNED
+    assert _maxdiff(lat["tuned"], lat["ref_tuned"]) <= TOL_TUNED
 
 
 def test_guider_with_sampler_custom_advanced_equals_the_ksampler_node(server):
@@ -182,7 +187,7 @@ def test_guider_with_sampler_custom_advanced_equals_the_ksampler_node(server):
 def _good_graph() -> dict:
     g = Graph()
     p = cg.base_pipeline(g)
-    cg.save(g, cg.dual(g, p, p["model"], cg.lora_model(g, p["model"]), seed=1, steps=2, cfg_base=5.0, cfg_tuned=5.0,
+    cg.save(g, cg.dual(g, p, p["model"], cg.lora_model(g, p["model"]), seed=1, steps=2, cfg_base=2.0, cfg_tuned=2.0,
                        sampler="euler", schedule="linear"), "good")
     return g.nodes
 
@@ -190,7 +195,7 @@ def _good_graph() -> dict:
 def _bad(kind: str) -> dict:
     g = Graph()
     p = cg.base_pipeline(g)
-    kw = dict(seed=1, steps=2, cfg_base=5.0, cfg_tuned=5.0, sampler="euler", schedule="linear")
+    kw = dict(seed=1, steps=2, cfg_base=2.0, cfg_tuned=2.0, sampler="euler", schedule="linear")
     tuned = cg.lora_model(g, p["model"])
     if kind == "schedule":
         kw["schedule"] = "powr:2"
