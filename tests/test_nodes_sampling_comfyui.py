@@ -76,10 +76,10 @@ def test_base_and_tuned_schedules_equal_ksampler(server, sampler):
 
 
 def test_switch_equals_the_ksampleradvanced_chain_with_euler(server):
-    k = 3
+    k = 1
     g = Graph()
     p = cg.base_pipeline(g)
-    lora = cg.lora_model(g, p["model"])
+    lora = cg.lora_model(g, p["model"], strength=3.0)  # late steps change little: a strong LoRA shows the switch
     cfg = 2.0
     first = g.add("KSamplerAdvanced", model=p["model"], add_noise="enable", noise_seed=SEED, steps=STEPS, cfg=cfg,
                   sampler_name="euler", scheduler="normal", positive=p["positive"], negative=p["negative"],
@@ -99,30 +99,37 @@ def test_switch_equals_the_ksampleradvanced_chain_with_euler(server):
 
 
 def test_denoise_below_one_counts_the_steps_actually_run(server):
-    """KSampler with denoise 0.5 and 4 steps runs the last 4 steps of an 8-step list; switch:K switches after K
-    of those 4 steps, which is the chain over steps 4..4+K and 4+K..8 of the 8-step list."""
-    k, steps = 2, 4
+    """KSampler with denoise 0.8 and 4 steps runs the last 4 steps of an int(4 / 0.8) = 5-step list; switch:K
+    switches after K of the 4 steps run, which is the chain over steps 1..1+K and 1+K..5 of the 5-step list."""
+    k, steps, denoise = 1, 4, 0.8
+    total = int(steps / denoise)
+    skip = total - steps
     g = Graph()
     p = cg.base_pipeline(g)
-    lora = cg.lora_model(g, p["model"])
+    lora = cg.lora_model(g, p["model"], strength=3.0)
     cfg = 2.0
     start = cg.ksampler(g, p, p["model"], seed=7, steps=3, cfg=cfg, sampler="euler")  # a non-empty input latent
-    first = g.add("KSamplerAdvanced", model=p["model"], add_noise="enable", noise_seed=SEED, steps=2 * steps, cfg=cfg,
+    first = g.add("KSamplerAdvanced", model=p["model"], add_noise="enable", noise_seed=SEED, steps=total, cfg=cfg,
                   sampler_name="euler", scheduler="normal", positive=p["positive"], negative=p["negative"],
-                  latent_image=start, start_at_step=steps, end_at_step=steps + k, return_with_leftover_noise="enable")
-    second = g.add("KSamplerAdvanced", model=lora, add_noise="disable", noise_seed=SEED, steps=2 * steps, cfg=cfg,
+                  latent_image=start, start_at_step=skip, end_at_step=skip + k, return_with_leftover_noise="enable")
+    second = g.add("KSamplerAdvanced", model=lora, add_noise="disable", noise_seed=SEED, steps=total, cfg=cfg,
                    sampler_name="euler", scheduler="normal", positive=p["positive"], negative=p["negative"],
-                   latent_image=[first, 0], start_at_step=steps + k, end_at_step=10000,
+                   latent_image=[first, 0], start_at_step=skip + k, end_at_step=10000,
                    return_with_leftover_noise="disable")
     ids = {
         "chain": cg.save(g, [second, 0], "dn_chain"),
         "ref_base": cg.save(g, cg.ksampler(g, p, p["model"], seed=SEED, steps=steps, cfg=cfg, sampler="euler",
-                                           denoise=0.5, latent=start), "dn_base"),
+                                           denoise=denoise, latent=start), "dn_base"),
         "dual": cg.save(g, cg.dual(g, p, p["model"], lora, seed=SEED, steps=steps, cfg_base=cfg, cfg_tuned=cfg,
-                                   sampler="euler", schedule=f"switch:{k}", denoise=0.5, latent=start), "dn_dual"),
+                                   sampler="euler", schedule=f"switch:{k}", denoise=denoise, latent=start), "dn_dual"),
+        # the same switch counted on the full 5-step list would switch one step later: a different result
+        "late": cg.save(g, cg.dual(g, p, p["model"], lora, seed=SEED, steps=steps, cfg_base=cfg, cfg_tuned=cfg,
+                                   sampler="euler", schedule=f"switch:{k + 1}", denoise=denoise, latent=start),
+                        "dn_late"),
     }
     lat = cg.latents(server, server.run(g.nodes), ids)
     assert _maxdiff(lat["chain"], lat["ref_base"]) > 100 * TOL_TUNED
+    assert _maxdiff(lat["chain"], lat["late"]) > 20 * TOL_TUNED
     assert _maxdiff(lat["dual"], lat["chain"]) <= TOL_TUNED
 
 
