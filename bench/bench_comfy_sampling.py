@@ -20,7 +20,8 @@ peak resident memory of the server process during it (sampled every 10 ms from /
 and <= 1.10x peak memory.
 
     eval "$(bash scripts/comfyui_host.sh)"
-    python bench/bench_comfy_sampling.py --size 256 --steps 8 --repeats 2
+    python bench/bench_comfy_sampling.py --size 256 --steps 8 --repeats 2   # 20-35 s per step on 2 busy cores
+    python bench/bench_comfy_sampling.py --size 128 --steps 4 --repeats 2   # what fits a short run
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
         try:
             print(f"ComfyUI {server.version}, SD1.5 UNet (random), {args.size}x{args.size}, {args.steps} euler steps, "
                   f"{args.threads} threads, {args.repeats} rounds", flush=True)
-            warm = graphs(args.size, 2, seed=10_000)
+            warm = graphs(args.size, 1, seed=10_000)
             for name, graph in warm.items():  # load every model / LoRA once, outside the measurement
                 server.run(graph, timeout=3600)
             times: dict[str, list[float]] = {}

@@ -262,3 +262,13 @@ API_WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 def test_shipped_api_workflows_run(server, path):
     entry = server.run(_substitute(json.loads(path.read_text())), timeout=900)
     assert entry["outputs"], "the workflow produced no outputs"
+
+
+def test_shipped_workflows_are_served_as_templates(server):
+    """ComfyUI lists a pack's workflows/ folder (top-level .json files) under /workflow_templates."""
+    from comfyui_server import PACK_LINK_NAME
+
+    templates = server._get("/workflow_templates")
+    ui_names = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    assert sorted(templates.get(PACK_LINK_NAME, [])) == ui_names
+    assert "combined_generation" in ui_names
