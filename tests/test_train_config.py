@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from rdt_lib.train.config import (
     ConfigError,
     TrainConfig,
+    all_keys,
     config_hash,
     config_to_dict,
     format_help,
@@ -17,6 +17,7 @@ from rdt_lib.train.config import (
     load_config,
     parse_override,
     preset_path,
+    setting_specs,
     to_toml,
 )
 
@@ -310,17 +311,17 @@ def test_config_hash_changes_with_values():
 
 def test_help_lists_every_field_with_default_and_doc():
     text = format_help()
-    for section in dataclasses.fields(TrainConfig):
-        value = getattr(TrainConfig(), section.name)
-        cls = type(value[0]) if isinstance(value, list) else type(value)
-        prefix = "rewards.N." if section.name == "rewards" else f"{section.name}."
-        for f in dataclasses.fields(cls):
-            assert f"  {prefix}{f.name} = " in text, f.name
-            assert f.metadata["help"] and f.metadata["help"] in text, f.name
+    specs = setting_specs()
+    assert [s.key for s in specs] == all_keys() and len(specs) > 60
+    for spec in specs:
+        assert f"  {spec.key} = " in text, spec.key
+        assert spec.help and spec.help in text, spec.key
     # a few literal lines, written out independently
     for line in ("  optim.lr = 0.00025    [number]", "  objective.k = 1    [integer or \"all\"]",
                  "  lora.target_modules = [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]    [list of strings]",
-                 "  rewards.N.name = (required)    [string]", "  run.objective = \"draft\"    [string]"):
+                 "  rewards.N.name = (required)    [string]", "  run.objective = \"draft\"    [string]",
+                 "  sampling.cfg_scale = (unset)    [number]", "      peak AdamW learning rate; range > 0",
+                 "      LoRA dropout probability; range in [0, 1)"):
         assert line in text
     assert "one of: draft, draft-lv, refl, imagerefl" in text
     assert "tiny_cpu" in text  # presets are listed

@@ -15,9 +15,18 @@ Rewards and units (float32 ``[B]``, differentiable with respect to the images):
 
 from .base import RewardModel, validate_images, validate_prompts
 from .clip_rewards import AestheticReward, ClipSimilarityReward, clipscore_reward, pickscore_reward
-from .combined import IMAGEREFL_NORMALIZATION, CombinedReward, CombinedScore, Normalization, Standardize
+from .combined import (
+    IMAGEREFL_NORMALIZATION,
+    CombinedReward,
+    CombinedScore,
+    Normalization,
+    Standardize,
+    combine_parts,
+    make_normalizer,
+)
 from .errors import RewardCheckpointError, RewardInputError, RewardWeightsNotFoundError, UnknownRewardError
 from .heads import LinearMLPHead
+from .identify import check_reward_path, identify_reward_file
 from .hps import clip_model_from_open_clip, hps_reward_from_state_dict, open_clip_to_transformers
 from .imagereward import ImageRewardModel, imagereward_from_state_dict
 from .preprocess import ImagePreprocess
@@ -25,6 +34,8 @@ from .registry import RewardInfo, available, clear_cache, load_reward
 
 __all__ = [
     "load_reward",
+    "identify_reward_file",
+    "check_reward_path",
     "available",
     "clear_cache",
     "RewardInfo",
@@ -41,6 +52,8 @@ __all__ = [
     "Normalization",
     "Standardize",
     "IMAGEREFL_NORMALIZATION",
+    "combine_parts",
+    "make_normalizer",
     "ImagePreprocess",
     "RewardInputError",
     "RewardCheckpointError",

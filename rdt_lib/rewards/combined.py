@@ -73,6 +73,45 @@ class Standardize(nn.Module):
         return (reward - mean) / std
 
 
+def make_normalizer(reward_name: str, spec: object, *, label: str | None = None) -> Normalization | Standardize | None:
+    """The normaliser for one reward: ``spec`` is a :class:`Normalization`, a :class:`Standardize`, ``"imagerefl"``
+    (ImageReFL's offsets and scales for ``reward_name``), ``"standardize"`` (a fresh :class:`Standardize` with running
+    statistics: the first batch it sees sets them, so on a single batch it standardises over that batch) or None."""
+    if spec == "imagerefl":
+        if reward_name not in IMAGEREFL_NORMALIZATION:
+            raise ValueError(
+                f"no ImageReFL normalisation for reward {reward_name!r}; known: {sorted(IMAGEREFL_NORMALIZATION)}"
+            )
+        spec = IMAGEREFL_NORMALIZATION[reward_name]
+    elif spec == "standardize":
+        spec = Standardize()
+    if spec is None or isinstance(spec, (Normalization, Standardize)):
+        return spec
+    raise ValueError(
+        f"normalization for {label or reward_name!r} must be a Normalization, a Standardize, 'imagerefl', "
+        f"'standardize' or None; got {spec!r}"
+    )
+
+
+def combine_parts(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                  normalizers: Mapping[str, Normalization | Standardize | None]) -> "CombinedScore":
+    """``total = sum_label weights[label] * normalizers[label](parts[label])`` over rewards already scored.
+
+    ``parts``: ``{label: float32 [B]}`` raw scores; a missing weight is 1.0, a missing normaliser the identity.
+    """
+    if not parts:
+        raise ValueError("combine_parts needs at least one reward's scores")
+    normalized: dict[str, torch.Tensor] = {}
+    total = None
+    for label, raw in parts.items():
+        normalizer = normalizers.get(label)
+        norm = raw if normalizer is None else normalizer(raw)
+        normalized[label] = norm
+        term = float(weights.get(label, 1.0)) * norm
+        total = term if total is None else total + term.to(total.device)
+    return CombinedScore(total=total, parts=dict(parts), normalized=normalized)
+
+
 @dataclass
 class CombinedScore:
     """Result of :meth:`CombinedReward.score`: all tensors are float32 ``[B]``."""
@@ -125,38 +164,14 @@ class CombinedReward(nn.Module):
         self.needs_prompts = any(r.needs_prompts for r in self.rewards.values())
 
     def _normalizer(self, label: str, spec: object) -> Normalization | Standardize | None:
-        reward = self.rewards[label]
-        if spec == "imagerefl":
-            if reward.name not in IMAGEREFL_NORMALIZATION:
-                raise ValueError(
-                    f"no ImageReFL normalisation for reward {reward.name!r}; known: {sorted(IMAGEREFL_NORMALIZATION)}"
-                )
-            spec = IMAGEREFL_NORMALIZATION[reward.name]
-        elif spec == "standardize":
-            spec = Standardize()
-        if spec is None or isinstance(spec, (Normalization, Standardize)):
-            return spec
-        raise ValueError(
-            f"normalization for {label!r} must be a Normalization, a Standardize, 'imagerefl', 'standardize' "
-            f"or None; got {spec!r}"
-        )
+        return make_normalizer(self.rewards[label].name, spec, label=label)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> CombinedScore:
         """Score ``[B, 3, H, W]`` images in [0, 1]; returns the weighted total and each raw and normalised part."""
         images = validate_images(images)
         prompts = validate_prompts(prompts, images.shape[0], required=self.needs_prompts)
-        parts: dict[str, torch.Tensor] = {}
-        normalized: dict[str, torch.Tensor] = {}
-        total = None
-        for label, reward in self.rewards.items():
-            raw = reward.score(images, prompts)
-            normalizer = self.normalizers[label]
-            norm = raw if normalizer is None else normalizer(raw)
-            parts[label] = raw
-            normalized[label] = norm
-            term = self.weights[label] * norm
-            total = term if total is None else total + term.to(total.device)
-        return CombinedScore(total=total, parts=parts, normalized=normalized)
+        parts = {label: reward.score(images, prompts) for label, reward in self.rewards.items()}
+        return combine_parts(parts, self.weights, self.normalizers)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> CombinedScore:  # noqa: D102
         return self.score(images, prompts)

@@ -23,8 +23,10 @@ from .clip_rewards import (
     load_pickscore,
 )
 from .errors import UnknownRewardError
+from .identify import check_reward_path
 from .hps import HPS_FILES, HPS_REPO, load_hps
 from .imagereward import BERT_REPO, IMAGEREWARD_FILE, IMAGEREWARD_REPO, MED_CONFIG_FILE, load_imagereward
+from .weights import existing_path
 
 
 @dataclass(frozen=True)
@@ -166,11 +168,16 @@ def load_reward(
 
     Raises:
         UnknownRewardError: unknown name. RewardWeightsNotFoundError: weights missing and not downloadable (the
-        message names the hub repo and file). RewardCheckpointError: keys/shapes do not match, unsafe pickle.
+        message names the hub repo and file). RewardCheckpointError: keys/shapes do not match, unsafe pickle,
+        or ``path`` holds another reward's weights (found from its keys before loading, see
+        :func:`~.identify.check_reward_path`).
     """
     key_name = canonical_name(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if path is not None:
+        # Keys and configs first: weights of another reward fail here, before a loader reaches for hub files.
+        check_reward_path(key_name, existing_path(path, key_name))
     path_key = str(Path(path).expanduser().resolve()) if path is not None else None
     key = (key_name, path_key, str(dev), dt)
     with _lock:
