@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -325,3 +326,44 @@ def test_help_lists_every_field_with_default_and_doc():
         assert line in text
     assert "one of: draft, draft-lv, refl, imagerefl" in text
     assert "tiny_cpu" in text  # presets are listed
+
+
+def test_help_presets_and_setting_specs_come_from_one_declaration():
+    """The CLI's --help, a preset and setting_spec (what the ComfyUI node reads) agree on default and range."""
+    from rdt_lib.rewards import available
+    from rdt_lib.sampling import SCHEDULERS
+    from rdt_lib.train.cli import build_parser
+    from rdt_lib.train.config import setting_spec
+
+    help_text = build_parser().format_help()
+    preset = load_config(["draftplus_sd15_pickscore"], check_inputs=False)
+    preset_file = tomllib.loads(preset_path("draftplus_sd15_pickscore").read_text())
+    cases = {  # key: (type, default, ge, gt, le, lt), range text, a value outside; written out independently
+        "optim.lr": ((float, 2.5e-4, None, 0, None, None), "> 0", 0),
+        "optim.ema_decay": ((float, 0.0, 0, None, None, 1), "in [0, 1)", 1),
+        "sampling.eta": ((float, 0.0, 0, None, 1, None), "in [0, 1]", 1.5),
+        "lora.rank": ((int, 32, 1, None, None, None), ">= 1", 0),
+        "optim.eps": ((float, 1e-8, None, 0, None, None), "> 0", -1e-8),
+        "lora.dropout": ((float, 0.0, 0, None, None, 1), "in [0, 1)", -0.5),
+        "checkpoint.keep_last": ((int, 3, 1, None, None, None), ">= 1", 0),
+    }
+    for key, (declared, rng, bad) in cases.items():
+        spec = setting_spec(key)
+        assert (spec.type, spec.default, spec.ge, spec.gt, spec.le, spec.lt) == declared, key
+        assert f"  {key} = {spec.default!r}    [" in help_text, key
+        assert f"{spec.help}; range {rng}" in help_text, key
+        section, name = key.split(".")
+        value = getattr(getattr(preset, section), name)
+        if name not in preset_file.get(section, {}):
+            assert value == spec.default, key  # a preset that leaves a key out gets the declared default
+        ge, gt, le, lt = declared[2:]
+        assert (ge is None or value >= ge) and (gt is None or value > gt), key
+        assert (le is None or value <= le) and (lt is None or value < lt), key
+        with pytest.raises(ConfigError, match=re.escape(f"{key} must be {rng}, got {bad}")):
+            load_config(["draftplus_sd15_pickscore"], [f"{key}={bad}"], check_inputs=False)
+    assert setting_spec("sampling.scheduler").choices == tuple(SCHEDULERS)
+    assert setting_spec("rewards.0.name").choices == tuple(available())
+    assert setting_spec("run.objective").choices == ("draft", "draft-lv", "refl", "imagerefl")
+    assert setting_spec("lora.target_modules").default == ["to_q", "to_k", "to_v", "to_out.0"]
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'; did you mean 'optim\.lr'\?"):
+        setting_spec("optim.lrr")

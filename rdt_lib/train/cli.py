@@ -24,15 +24,6 @@ __all__ = ["main", "build_parser", "load_cli_config"]
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 
-def _known_rewards() -> list[str] | None:
-    try:
-        from ..rewards import available
-
-        return list(available())
-    except Exception:  # noqa: BLE001 - the reward package may be missing pieces; fall back to the config's list
-        return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .config import format_help
 
@@ -41,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA reward fine-tuning of Stable Diffusion (DRaFT-K / DRaFT-LV / DRaFT+, ReFL, ImageReFL, "
                     "R0-style regularisers).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=format_help(_known_rewards()),
+        epilog=format_help(),
     )
     parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
                         help="TOML/YAML config file or preset name; repeat to merge (later wins)")
@@ -62,7 +53,7 @@ def load_cli_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"run.resume={args.resume}")
-    return load_config(args.config, overrides, known_rewards=_known_rewards())
+    return load_config(args.config, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

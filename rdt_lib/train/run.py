@@ -1,8 +1,17 @@
 """The trainer application: a :class:`~.config.TrainConfig` in, a kohya-format LoRA out.
 
-:func:`train_from_config` builds everything from the configuration (accelerate, model, LoRA, rewards, objective,
-data), resumes from a checkpoint when asked, runs the loop with logging (tqdm, TensorBoard scalars, a validation
-grid), checkpoints every N steps and on Ctrl-C / SIGTERM, and finally writes::
+Two steps, two front doors:
+
+- :func:`build_run` turns a config into a :class:`TrainingRun` (backbone with its LoRA, rewards, objective, data,
+  :class:`~.trainer.RewardTrainer`). A caller may inject its own backbone and reward models (the ComfyUI
+  training node does); otherwise they are loaded from ``config.model`` / ``config.rewards``.
+- :func:`run_training` runs the loop of a built run: logging (tqdm, TensorBoard scalars, a validation grid), a
+  ``progress(step, metrics)`` callback, a ``should_stop()`` flag, optional checkpoints
+  (:class:`RunCheckpoints`), and at the end the LoRA file and the resolved config.
+
+:func:`train_from_config` is the command line's composition of the two: accelerate (several processes, mixed
+precision), Ctrl-C / SIGTERM handling, resuming and checkpoints every N steps and on a stop. A finished run
+writes::
 
     <output_dir>/<output_name>.safetensors   kohya keys + metadata (EMA weights when EMA is on)
     <output_dir>/<output_name>.toml          the resolved configuration
@@ -19,13 +28,14 @@ from __future__ import annotations
 
 import json
 import math
+import contextlib
 import signal
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -38,7 +48,13 @@ from .trainer import NonFiniteLossError, RewardTrainer, TrainerSettings
 
 __all__ = [
     "TrainResult",
+    "TrainingRun",
+    "build_run",
+    "run_training",
+    "RunCheckpoints",
+    "LocalAccelerator",
     "train_from_config",
+    "export_lora",
     "build_backbone",
     "build_reward",
     "build_objective",
@@ -113,15 +129,20 @@ def build_backbone(config: TrainConfig, *, device: torch.device, dtype: torch.dt
 
 
 def build_reward(config: TrainConfig, *, device: torch.device, dtype: torch.dtype | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, models: Mapping[str, Any] | None = None):
     """A ``CombinedReward`` of ``config.rewards`` (labels: the reward names, ``name#i`` for repeats) with each
-    reward's weight and ``(reward + offset) * scale`` normalisation."""
+    reward's weight and ``(reward + offset) * scale`` normalisation.
+
+    ``models`` supplies loaded reward models by label or name (the others are loaded with ``load_reward``)."""
     from ..rewards import CombinedReward, Normalization, load_reward
 
+    given = dict(models or {})
     models, weights, norms = {}, {}, {}
     for i, r in enumerate(config.rewards):
         label = r.name if r.name not in models else f"{r.name}#{i}"
-        model = load_reward(r.name, path=r.path or None, device=device, dtype=dtype)
+        model = given.get(label, given.get(r.name))
+        if model is None:
+            model = load_reward(r.name, path=r.path or None, device=device, dtype=dtype)
         if gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
             model.enable_gradient_checkpointing(True)
         models[label] = model
@@ -167,72 +188,183 @@ def build_data(config: TrainConfig, image_size: int):
     return PromptSource(load_prompts(d.prompts, d.prompts_file))
 
 
-def trainer_settings(config: TrainConfig) -> TrainerSettings:
-    p = config.optim
-    return TrainerSettings(
-        lr=p.lr, weight_decay=p.weight_decay, betas=tuple(p.betas), eps=p.eps, warmup_steps=p.warmup_steps,
-        lr_schedule=p.lr_schedule, max_steps=config.run.max_steps, grad_clip=p.grad_clip, batch_size=p.batch_size,
-        grad_accum=p.grad_accum, seed=config.run.seed, ema_decay=p.ema_decay,
-        l2_init_coeff=config.regularizers.l2_init_coeff,
-        per_reward_grad_norm=config.regularizers.per_reward_grad_norm,
-        max_nonfinite_steps=config.run.max_nonfinite_steps,
-    )
+class LocalAccelerator:
+    """The part of ``accelerate.Accelerator`` the loop uses, for one process without accelerate (ComfyUI,
+    notebooks): device, ``mixed_precision`` (``no`` / ``fp16`` (CUDA only) / ``bf16``), ``autocast()``."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, mixed_precision: str = "no", device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if mixed_precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("optim.mixed_precision = \"fp16\" needs a CUDA GPU; use \"bf16\" or \"no\" on CPU")
+        self.mixed_precision = mixed_precision
+
+    def autocast(self):
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.mixed_precision])
+
+    def wait_for_everyone(self) -> None:
+        pass
 
 
-def _make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
+@dataclass
+class TrainingRun:
+    """A run built from a config (:func:`build_run`), ready for :func:`run_training`.
 
-    mp = config.optim.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("optim.mixed_precision = \"fp16\" needs a CUDA GPU; use \"bf16\" or \"no\" on CPU")
-    _forget_previous_single_process_run()
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    Attributes:
+        config: the validated configuration.
+        backbone: the model; its network carries the trained LoRA adapter :data:`ADAPTER`.
+        trainer: the optimisation loop's state (LoRA, optimizer, EMA, data order).
+        accelerator: an ``accelerate.Accelerator`` or a :class:`LocalAccelerator`.
+        log: message sink.
+    """
 
+    config: TrainConfig
+    backbone: Any
+    trainer: RewardTrainer
+    accelerator: Any
+    log: Callable[[str], None]
 
-def _forget_previous_single_process_run() -> None:
-    """accelerate keeps one process-wide state that refuses a second Accelerator with another precision.
-    Several trainings in one process (a ComfyUI session, a notebook, the tests) are normal here, so a
-    single-process run starts from a fresh state; a launched multi-process run is left alone."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-    except ImportError:  # pragma: no cover
-        return
-    if getattr(AcceleratorState, "_shared_state", None):
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.run.output_dir).expanduser()
 
 
-# ------------------------------------------------------------------------------------------------------------
-# signals
+def build_run(
+    config: TrainConfig,
+    *,
+    backbone: Any = None,
+    rewards: Any = None,
+    accelerator: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainingRun:
+    """Build everything ``config`` describes (validated already; see :func:`.config.load_config`).
+
+    Args:
+        backbone: a :class:`~rdt_lib.backbones.base.Backbone` to train (default: loaded from ``config.model``).
+            A LoRA adapter :data:`ADAPTER` is added from ``config.lora`` unless its network already has one.
+        rewards: reward models by name (``{"pickscore": model}``; combined with ``config.rewards``' weights and
+            normalisation; names not given are loaded), or a ready reward callable ``fn(images, prompts) -> [B]``.
+        accelerator: an ``accelerate.Accelerator`` (default: a :class:`LocalAccelerator`, one process, with
+            ``optim.mixed_precision``).
+        log: message sink (default: ``print`` on the main process).
+
+    Raises:
+        ConfigError / DataError: inputs that turn out unusable once loaded (e.g. an empty dataset).
+    """
+    from ..lora import adapter_names
+
+    acc = accelerator or LocalAccelerator(config.optim.mixed_precision,
+                                          backbone.device if backbone is not None else None)
+    say = log or (lambda msg: print(msg, flush=True) if acc.is_main_process else None)
+    device = acc.device
+    t0 = time.perf_counter()
+    if backbone is None:
+        weight_dtype = torch.float32
+        if device.type == "cuda" and config.optim.mixed_precision in ("fp16", "bf16"):
+            weight_dtype = _DTYPES[config.optim.mixed_precision]
+        backbone = build_backbone(config, device=device, dtype=weight_dtype)
+    if ADAPTER not in adapter_names(backbone.network):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.run.seed)
+            add_lora(backbone.network, ADAPTER, rank=config.lora.rank, alpha=config.lora.alpha,
+                     target_modules=list(config.lora.target_modules), dropout=config.lora.dropout,
+                     init_lora_weights="gaussian" if config.lora.init == "gaussian" else True)
+    if config.optim.gradient_checkpointing:
+        backbone.network.enable_gradient_checkpointing()
+        if hasattr(getattr(backbone, "vae", None), "enable_gradient_checkpointing"):
+            backbone.vae.enable_gradient_checkpointing()
+    if rewards is None or isinstance(rewards, Mapping):
+        rewards = build_reward(config, device=device, dtype=None if device.type == "cuda" else torch.float32,
+                               gradient_checkpointing=config.optim.gradient_checkpointing, models=rewards)
+    objective = build_objective(config)
+    image_size = config.model.resolution
+    if config.run.objective == "imagerefl" and not image_size:
+        image_size = backbone.latent_shape()[-1] * backbone.vae_scale_factor
+    data = build_data(config, image_size)
+    torch.manual_seed(config.run.seed + 1000 * acc.process_index)  # LoRA dropout etc.: per process
+    trainer = RewardTrainer(backbone, objective, rewards, data, adapter=ADAPTER,
+                            settings=TrainerSettings.from_config(config), accelerator=acc)
+    n_params = sum(p.numel() for p in trainer.param_list)
+    o = config.optim
+    say(f"model {config.model.path or type(backbone).__name__} ({'sdxl' if getattr(backbone, 'is_sdxl', False) else 'sd15'}"
+        f", {next(iter(trainer.params.values())).device}), LoRA rank {config.lora.rank}: {n_params:,} trainable "
+        f"parameters; objective {config.run.objective}; rewards {', '.join(r.name for r in config.rewards)}; "
+        f"{len(data)} training items; {acc.num_processes} process(es), global batch "
+        f"{o.batch_size * o.grad_accum * acc.num_processes} [{time.perf_counter() - t0:.1f} s]")
+    return TrainingRun(config, backbone, trainer, acc, say)
 
 
-class _StopFlag:
-    """Ctrl-C / SIGTERM: the first signal asks the loop to save a checkpoint and stop after the current step; a
-    second Ctrl-C aborts at once (KeyboardInterrupt)."""
+class RunCheckpoints:
+    """Checkpoints of a run in ``<output_dir>/checkpoint-<step>`` (``config.checkpoint``): every N steps, when
+    the run is stopped (``save_on_interrupt``), before a :class:`NonFiniteLossError`, at the end; and
+    :meth:`resume` from one (``config.run.resume``). Collective-safe on several processes."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.requested = False
-        self.log = log
-        self._saved: dict[int, Any] = {}
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        self.manager = CheckpointManager(run.out_dir, run.config.checkpoint.keep_last,
+                                         is_main_process=run.accelerator.is_main_process)
+        self.config_text = to_toml(run.config)
+        self.last: Path | None = None
 
-    def _handler(self, signum, frame):  # noqa: ARG002
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
-                 f"(Ctrl-C again to abort without saving)")
+    def resume(self) -> Path | None:
+        """Load ``run.resume`` ('' = nothing, 'latest' or a directory) into the trainer and the RNGs."""
+        config, trainer, acc = self.run.config, self.run.trainer, self.run.accelerator
+        if not config.run.resume:
+            return None
+        ckpt = self.manager.latest() if config.run.resume == "latest" else Path(config.run.resume).expanduser()
+        if ckpt is None:
+            self.run.log(f"resume = latest: no checkpoint in {self.run.out_dir} yet, starting from scratch")
+            return None
+        state = self.manager.load(ckpt)
+        trainer.load_state_dict(state)
+        rng = state.get("rng")
+        if isinstance(rng, list) and len(rng) == acc.num_processes:
+            restore_rng_state(rng[acc.process_index])
+        old_hash = state["meta"].get("config_hash")
+        if old_hash and old_hash != config_hash(_resume_neutral(config)):
+            warnings.warn("the configuration differs from the one the checkpoint was written with; continuing "
+                          "with the new settings", RuntimeWarning, stacklevel=2)
+        self.run.log(f"resumed from {ckpt} at step {trainer.step_count}")
+        self.last = ckpt
+        return ckpt
 
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._handler)
-        return self
+    def save(self) -> Path | None:
+        """Write a checkpoint now (call on every process)."""
+        trainer, acc, config = self.run.trainer, self.run.accelerator, self.run.config
+        state = trainer.state_dict()
+        rng_states = [capture_rng_state()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
 
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._saved.items():
-            signal.signal(sig, old)
+            rng_states = gather_object(rng_states)
+        state["rng"] = list(rng_states)
+        acc.wait_for_everyone()
+        path = self.manager.save(trainer.step_count, state, extra_files={"config.toml": self.config_text},
+                                 metadata={"config_hash": config_hash(_resume_neutral(config)),
+                                           "objective": config.run.objective, "world_size": acc.num_processes})
+        acc.wait_for_everyone()
+        if path is not None:
+            self.run.log(f"checkpoint saved: {path}")
+        self.last = path or self.last
+        return path
+
+    def after_step(self, metrics: dict[str, float], stopping: bool) -> None:
+        c, step = self.run.config.checkpoint, self.run.trainer.step_count
+        if (c.every > 0 and step % c.every == 0 and metrics["skipped"] == 0) or (stopping and c.save_on_interrupt):
+            self.save()
+
+    def on_error(self) -> None:
+        if self.run.trainer.step_count > 0:
+            self.save()
+
+    def at_end(self) -> None:
+        every = self.run.config.checkpoint.every
+        if every == 0 or self.run.trainer.step_count % every != 0:
+            self.save()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -309,100 +441,26 @@ def export_lora(trainer: RewardTrainer, config: TrainConfig, backbone, path: Pat
     return save_lora_safetensors(path, tensors, meta)
 
 
-def train_from_config(
-    config: TrainConfig,
+def run_training(
+    run: TrainingRun,
     *,
-    accelerator: Any = None,
-    log: Callable[[str], None] | None = None,
-    step_callback: Callable[[int, dict[str, float]], None] | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoints: RunCheckpoints | None = None,
 ) -> TrainResult:
-    """Run the whole training described by ``config`` (validated already; see :func:`.config.load_config`).
+    """Train ``run`` up to ``config.run.max_steps`` optimizer steps; write the LoRA and the config at the end.
 
     Args:
-        accelerator: an ``accelerate.Accelerator`` (default: one is created with ``optim.mixed_precision``).
-        log: message sink (default: ``print`` on the main process).
-        step_callback: called after each optimizer step as ``callback(step, metrics)`` (tests use it to interrupt).
+        progress: called after each optimizer step as ``progress(step, metrics)`` (step = steps done, 1-based).
+        should_stop: polled after each step; True stops the run there (``TrainResult.interrupted``; no LoRA file
+            is written, a checkpoint is when ``checkpoints`` is given and ``checkpoint.save_on_interrupt`` is on).
+        checkpoints: periodic / on-stop / on-error checkpoints (None: none are written).
 
     Raises:
-        ConfigError: inputs that turn out unusable once loaded (e.g. an empty dataset).
-        NonFiniteLossError: too many consecutive NaN / inf steps (a checkpoint of the last good state is saved).
+        NonFiniteLossError: too many consecutive NaN / inf steps (with ``checkpoints``: the last good state is saved).
     """
-    acc = accelerator or _make_accelerator(config)
-    main = acc.is_main_process
-    say = log or (lambda msg: print(msg, flush=True) if main else None)
-    out_dir = Path(config.run.output_dir).expanduser()
-    device = acc.device
-    weight_dtype = torch.float32
-    if device.type == "cuda" and config.optim.mixed_precision in ("fp16", "bf16"):
-        weight_dtype = _DTYPES[config.optim.mixed_precision]
-
-    # ---- model, LoRA, rewards, objective, data
-    t0 = time.perf_counter()
-    backbone = build_backbone(config, device=device, dtype=weight_dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.run.seed)
-        add_lora(backbone.network, ADAPTER, rank=config.lora.rank, alpha=config.lora.alpha,
-                 target_modules=list(config.lora.target_modules), dropout=config.lora.dropout,
-                 init_lora_weights="gaussian" if config.lora.init == "gaussian" else True)
-    if config.optim.gradient_checkpointing:
-        backbone.network.enable_gradient_checkpointing()
-        if hasattr(backbone.vae, "enable_gradient_checkpointing"):
-            backbone.vae.enable_gradient_checkpointing()
-    reward = build_reward(config, device=device, dtype=None if device.type == "cuda" else torch.float32,
-                          gradient_checkpointing=config.optim.gradient_checkpointing)
-    objective = build_objective(config)
-    image_size = config.model.resolution or backbone.latent_shape()[-1] * backbone.vae_scale_factor
-    data = build_data(config, image_size)
-    torch.manual_seed(config.run.seed + 1000 * acc.process_index)  # LoRA dropout etc.: per process
-    trainer = RewardTrainer(backbone, objective, reward, data, adapter=ADAPTER, settings=trainer_settings(config),
-                            accelerator=acc)
-    n_params = sum(p.numel() for p in trainer.param_list)
-    say(f"model {config.model.path} ({'sdxl' if backbone.is_sdxl else 'sd15'}, {weight_dtype}), LoRA rank "
-        f"{config.lora.rank}: {n_params:,} trainable parameters; objective {config.run.objective}; rewards "
-        f"{', '.join(r.name for r in config.rewards)}; {len(data)} training items; {acc.num_processes} process(es), "
-        f"global batch {config.optim.batch_size * config.optim.grad_accum * acc.num_processes} "
-        f"[{time.perf_counter() - t0:.1f} s]")
-
-    # ---- checkpoints, resume
-    manager = CheckpointManager(out_dir, config.checkpoint.keep_last, is_main_process=main)
-    resumed_from = None
-    if config.run.resume:
-        ckpt = manager.latest() if config.run.resume == "latest" else Path(config.run.resume).expanduser()
-        if ckpt is None:
-            say(f"resume = latest: no checkpoint in {out_dir} yet, starting from scratch")
-        else:
-            state = manager.load(ckpt)
-            trainer.load_state_dict(state)
-            rng = state.get("rng")
-            if isinstance(rng, list) and len(rng) == acc.num_processes:
-                restore_rng_state(rng[acc.process_index])
-            old_hash = state["meta"].get("config_hash")
-            if old_hash and old_hash != config_hash(_resume_neutral(config)):
-                warnings.warn("the configuration differs from the one the checkpoint was written with; continuing "
-                              "with the new settings", RuntimeWarning, stacklevel=2)
-            resumed_from = ckpt
-            say(f"resumed from {ckpt} at step {trainer.step_count}")
-
-    config_text = to_toml(config)
-
-    def save_checkpoint() -> Path | None:
-        state = trainer.state_dict()
-        rng_states = [capture_rng_state()]
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            rng_states = gather_object(rng_states)
-        state["rng"] = list(rng_states)
-        acc.wait_for_everyone()
-        path = manager.save(trainer.step_count, state, extra_files={"config.toml": config_text},
-                            metadata={"config_hash": config_hash(_resume_neutral(config)),
-                                      "objective": config.run.objective, "world_size": acc.num_processes})
-        acc.wait_for_everyone()
-        if path is not None:
-            say(f"checkpoint saved: {path}")
-        return path
-
-    # ---- logging
+    config, trainer, acc, backbone, say = run.config, run.trainer, run.accelerator, run.backbone, run.log
+    out_dir, main = run.out_dir, acc.is_main_process
     writer = None
     if main and config.logging.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -410,8 +468,7 @@ def train_from_config(
         writer = SummaryWriter(str(out_dir / "logs"))
     val_prompts = list(config.validation.prompts)
     if config.validation.every > 0 and not val_prompts:
-        val_prompts = data.get(list(range(min(4, len(data)))))[0]
-
+        val_prompts = trainer.data.get(list(range(min(4, len(trainer.data)))))[0]
     bar = None
     if main and config.logging.progress_bar:
         from tqdm.auto import tqdm
@@ -419,46 +476,42 @@ def train_from_config(
         bar = tqdm(total=config.run.max_steps, initial=trainer.step_count, desc="training", dynamic_ncols=True)
 
     history: list[dict[str, float]] = []
-    last_ckpt = resumed_from
     interrupted = False
     try:
-        with _StopFlag(say) as stop:
-            while trainer.step_count < config.run.max_steps:
-                try:
-                    metrics = trainer.step()
-                except NonFiniteLossError:
-                    if trainer.step_count > 0:
-                        last_ckpt = save_checkpoint() or last_ckpt
-                    raise
-                history.append(metrics)
-                step = trainer.step_count
-                if bar is not None:
-                    bar.n = step
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", reward=f"{metrics.get('reward', float('nan')):.4g}")
-                    bar.refresh()
-                if writer is not None and metrics["skipped"] == 0 and step % config.logging.log_every == 0:
-                    for key, value in metrics.items():
-                        if key != "step" and math.isfinite(value):
-                            writer.add_scalar(f"train/{key}", value, step)
-                if step_callback is not None:
-                    step_callback(step, metrics)
-                if metrics["skipped"] == 0 and config.validation.every > 0 and step % config.validation.every == 0:
-                    if main:
-                        with trainer.ema_weights(), acc.autocast():
-                            grid = validation_grid(backbone, config, val_prompts)
-                        _save_png(grid, out_dir / "validation" / f"step-{step:06d}.png")
-                        if writer is not None:
-                            writer.add_image("validation", grid, step)
-                    acc.wait_for_everyone()
-                stop_now = _any_process(acc, stop.requested)
-                periodic = (config.checkpoint.every > 0 and step % config.checkpoint.every == 0
-                            and metrics["skipped"] == 0)
-                if periodic or (stop_now and config.checkpoint.save_on_interrupt):
-                    last_ckpt = save_checkpoint() or last_ckpt
-                if stop_now:
-                    interrupted = True
-                    say(f"stopped at step {step} by request; resume with --resume latest")
-                    break
+        while trainer.step_count < config.run.max_steps:
+            try:
+                metrics = trainer.step()
+            except NonFiniteLossError:
+                if checkpoints is not None:
+                    checkpoints.on_error()
+                raise
+            history.append(metrics)
+            step = trainer.step_count
+            if bar is not None:
+                bar.n = step
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", reward=f"{metrics.get('reward', float('nan')):.4g}")
+                bar.refresh()
+            if writer is not None and metrics["skipped"] == 0 and step % config.logging.log_every == 0:
+                for key, value in metrics.items():
+                    if key != "step" and math.isfinite(value):
+                        writer.add_scalar(f"train/{key}", value, step)
+            if progress is not None:
+                progress(step, metrics)
+            if metrics["skipped"] == 0 and config.validation.every > 0 and step % config.validation.every == 0:
+                if main:
+                    with trainer.ema_weights(), acc.autocast():
+                        grid = validation_grid(backbone, config, val_prompts)
+                    _save_png(grid, out_dir / "validation" / f"step-{step:06d}.png")
+                    if writer is not None:
+                        writer.add_image("validation", grid, step)
+                acc.wait_for_everyone()
+            stop_now = _any_process(acc, bool(should_stop is not None and should_stop()))
+            if checkpoints is not None:
+                checkpoints.after_step(metrics, stopping=stop_now)
+            if stop_now:
+                interrupted = True
+                say(f"stopped at step {step} by request")
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -466,19 +519,98 @@ def train_from_config(
             writer.flush()
             writer.close()
 
+    last = checkpoints.last if checkpoints is not None else None
     if interrupted:
-        return TrainResult(None, None, trainer.step_count, history, True, last_ckpt)
-
-    if config.checkpoint.every == 0 or trainer.step_count % max(1, config.checkpoint.every) != 0:
-        last_ckpt = save_checkpoint() or last_ckpt
+        return TrainResult(None, None, trainer.step_count, history, True, last)
+    if checkpoints is not None:
+        checkpoints.at_end()
+        last = checkpoints.last
     lora_path = out_dir / f"{config.run.output_name}.safetensors"
     config_path = out_dir / f"{config.run.output_name}.toml"
     if main:
         export_lora(trainer, config, backbone, lora_path)
-        write_text_atomic(config_path, config_text)
+        write_text_atomic(config_path, to_toml(config))
         say(f"LoRA written: {lora_path}\nconfig: {config_path}")
     acc.wait_for_everyone()
-    return TrainResult(lora_path, config_path, trainer.step_count, history, False, last_ckpt)
+    return TrainResult(lora_path, config_path, trainer.step_count, history, False, last)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the command line's composition: accelerate, signals, resume, checkpoints
+
+
+def _make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    mp = config.optim.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("optim.mixed_precision = \"fp16\" needs a CUDA GPU; use \"bf16\" or \"no\" on CPU")
+    _forget_previous_single_process_run()
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def _forget_previous_single_process_run() -> None:
+    """accelerate keeps one process-wide state that refuses a second Accelerator with another precision.
+    Several trainings in one process (a notebook, the tests) are normal here, so a single-process run starts
+    from a fresh state; a launched multi-process run is left alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+    except ImportError:  # pragma: no cover
+        return
+    if getattr(AcceleratorState, "_shared_state", None):
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM: the first signal asks the loop to save a checkpoint and stop after the current step; a
+    second Ctrl-C aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self.log = log
+        self._saved: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
+                 f"(Ctrl-C again to abort without saving; --resume latest continues)")
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._saved.items():
+            signal.signal(sig, old)
+
+
+def train_from_config(
+    config: TrainConfig,
+    *,
+    accelerator: Any = None,
+    log: Callable[[str], None] | None = None,
+    step_callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """The command line's run: :func:`build_run` with accelerate, then :func:`run_training` with Ctrl-C /
+    SIGTERM handling, resuming (``run.resume``) and :class:`RunCheckpoints`.
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` (default: one is created with ``optim.mixed_precision``).
+        log: message sink (default: ``print`` on the main process).
+        step_callback: called after each optimizer step as ``callback(step, metrics)``.
+    """
+    run = build_run(config, accelerator=accelerator or _make_accelerator(config), log=log)
+    checkpoints = RunCheckpoints(run)
+    checkpoints.resume()
+    with _StopFlag(run.log) as stop:
+        return run_training(run, progress=step_callback, should_stop=lambda: stop.requested, checkpoints=checkpoints)
 
 
 def _any_process(acc: Any, flag: bool) -> bool:
@@ -496,8 +628,7 @@ def _any_process(acc: Any, flag: bool) -> bool:
 
 def _resume_neutral(config: TrainConfig) -> TrainConfig:
     """The configuration without the keys that may change between a run and its resumption."""
-    import dataclasses
-
-    run = dataclasses.replace(config.run, resume="", max_steps=0)
-    logging_ = dataclasses.replace(config.logging, progress_bar=False)
-    return dataclasses.replace(config, run=run, logging=logging_)
+    return config.model_copy(update={
+        "run": config.run.model_copy(update={"resume": "", "max_steps": 0}),
+        "logging": config.logging.model_copy(update={"progress_bar": False}),
+    })

@@ -42,44 +42,75 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a NaN / inf loss or gradient."""
 
 
+def _declared(key: str) -> Any:
+    """The default of setting ``key`` as declared in :mod:`.config` (one set of defaults for both)."""
+    from .config import setting_spec
+
+    default = setting_spec(key).default
+    return tuple(default) if isinstance(default, list) else default
+
+
+_SETTING_KEYS = {
+    "lr": "optim.lr", "weight_decay": "optim.weight_decay", "betas": "optim.betas", "eps": "optim.eps",
+    "warmup_steps": "optim.warmup_steps", "lr_schedule": "optim.lr_schedule", "max_steps": "run.max_steps",
+    "grad_clip": "optim.grad_clip", "batch_size": "optim.batch_size", "grad_accum": "optim.grad_accum",
+    "seed": "run.seed", "ema_decay": "optim.ema_decay", "l2_init_coeff": "regularizers.l2_init_coeff",
+    "per_reward_grad_norm": "regularizers.per_reward_grad_norm", "max_nonfinite_steps": "run.max_nonfinite_steps",
+}
+
+
 @dataclass
 class TrainerSettings:
-    """Optimisation settings of :class:`RewardTrainer`.
+    """Optimisation settings of :class:`RewardTrainer`; each default is the one declared for the config key named
+    in brackets (:mod:`.config`, ``python -m rdt_lib.train --help``).
 
     Args:
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: optimizer steps of linear warm-up from 0 to ``lr``.
-        lr_schedule: after warm-up: ``constant``, ``linear`` (to 0 at ``max_steps``) or ``cosine``.
-        max_steps: the run's length in optimizer steps (for the linear / cosine schedules; 0 = unknown).
-        grad_clip: max global gradient norm (0 = no clipping).
-        batch_size: rows per micro-batch per process.
-        grad_accum: micro-batches per optimizer step.
-        seed: seeds the data order, the per-sample noise seeds and the per-batch choices.
-        ema_decay: EMA decay of the LoRA weights in [0, 1) (0 = off).
-        l2_init_coeff: R0's ``coeff * sum((w - w_init)^2)`` on the LoRA weights (0 = off).
+        lr: peak AdamW learning rate [optim.lr].
+        weight_decay: AdamW weight decay [optim.weight_decay].
+        betas: AdamW betas [optim.betas].
+        eps: AdamW epsilon [optim.eps].
+        warmup_steps: optimizer steps of linear warm-up from 0 to ``lr`` [optim.warmup_steps].
+        lr_schedule: after warm-up: ``constant``, ``linear`` (to 0 at ``max_steps``) or ``cosine``
+            [optim.lr_schedule].
+        max_steps: the run's length in optimizer steps, for the linear / cosine schedules [run.max_steps].
+        grad_clip: max global gradient norm (0 = no clipping) [optim.grad_clip].
+        batch_size: rows per micro-batch per process [optim.batch_size].
+        grad_accum: micro-batches per optimizer step [optim.grad_accum].
+        seed: seeds the data order, the per-sample noise seeds and the per-batch choices [run.seed].
+        ema_decay: EMA decay of the LoRA weights in [0, 1) (0 = off) [optim.ema_decay].
+        l2_init_coeff: R0's ``coeff * sum((w - w_init)^2)`` on the LoRA weights (0 = off)
+            [regularizers.l2_init_coeff].
         per_reward_grad_norm: R0's per-reward gradient normalisation (needs an objective that reports its reward
-            losses separately).
-        max_nonfinite_steps: consecutive skipped (NaN / inf) steps before :class:`NonFiniteLossError`.
+            losses separately) [regularizers.per_reward_grad_norm].
+        max_nonfinite_steps: consecutive skipped (NaN / inf) steps before :class:`NonFiniteLossError`
+            [run.max_nonfinite_steps].
     """
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    max_steps: int = 0
-    grad_clip: float = 10.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    seed: int = 0
-    ema_decay: float = 0.0
-    l2_init_coeff: float = 0.0
-    per_reward_grad_norm: bool = False
-    max_nonfinite_steps: int = 5
+    lr: float = _declared("optim.lr")
+    weight_decay: float = _declared("optim.weight_decay")
+    betas: tuple[float, float] = _declared("optim.betas")
+    eps: float = _declared("optim.eps")
+    warmup_steps: int = _declared("optim.warmup_steps")
+    lr_schedule: str = _declared("optim.lr_schedule")
+    max_steps: int = _declared("run.max_steps")
+    grad_clip: float = _declared("optim.grad_clip")
+    batch_size: int = _declared("optim.batch_size")
+    grad_accum: int = _declared("optim.grad_accum")
+    seed: int = _declared("run.seed")
+    ema_decay: float = _declared("optim.ema_decay")
+    l2_init_coeff: float = _declared("regularizers.l2_init_coeff")
+    per_reward_grad_norm: bool = _declared("regularizers.per_reward_grad_norm")
+    max_nonfinite_steps: int = _declared("run.max_nonfinite_steps")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "TrainerSettings":
+        """The settings of a :class:`~.config.TrainConfig`."""
+        def get(key: str) -> Any:
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            return tuple(value) if isinstance(value, list) else value
+
+        return cls(**{name: get(key) for name, key in _SETTING_KEYS.items()})
 
 
 def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
@@ -201,11 +232,6 @@ class RewardTrainer:
             batches.append(Batch(prompts, seeds[lo: lo + b], images=images, batch_seed=step_seed * 64 + j,
                                  step=self.step_count))
         return batches
-
-    def next_batch(self) -> tuple[list[str], list[int]]:
-        """Prompts and seeds of the first micro-batch of the next global batch (advances the generator)."""
-        batch = self.next_batches()[0]
-        return batch.prompts, batch.seeds
 
     # ------------------------------------------------------------------------------------------------ one step
     def _autocast(self):
