@@ -78,13 +78,13 @@ INPUT_KEYS: dict[str, str] = {
     "gradient_checkpointing": "optim.gradient_checkpointing",
 }
 # node defaults where the trainer's default is a long run's value (the range and help still come from the schema)
-NODE_DEFAULTS: dict[str, Any] = {"steps": 100, "lora_rank": 8, "lora_alpha": 8.0, "resolution": 512,
+NODE_DEFAULTS: dict[str, Any] = {"steps": 100, "lora_rank": 8, "lora_alpha": 8.0,
                                  "checkpoint_every": 50, "cfg": 7.5}
 # upper ends of widgets whose setting has no upper bound in the schema (UI limits only)
 UI_MAX: dict[str, float] = {"steps": 1_000_000, "lora_rank": 1024, "lora_alpha": 4096.0, "k": 1000,
                             "sampling_steps": 1000, "batch_size": 4096, "grad_accumulation": 4096,
                             "kl_coeff": 1000.0, "l2_init_coeff": 1000.0, "learning_rate": 1.0, "resolution": 8192,
-                            "cfg": 100.0, "checkpoint_every": 1_000_000, "seed": 0xFFFFFFFFFFFFFFFF,
+                            "cfg": 100.0, "checkpoint_every": 1_000_000, "seed": 2**48,
                             "reward_weight": 100.0}
 
 
@@ -450,6 +450,21 @@ def model_with_lora(model: Any, tensors: dict[str, torch.Tensor], strength: floa
 # the node
 
 
+@dataclass
+class TrainPlan:
+    """A checked node run: the trainer config, the rewards and where the LoRA goes."""
+
+    config: Any
+    rewards: list[RewardInput]
+    name: str
+    lora_path: Path
+    steps: int
+    batch_size: int
+    resolution: int
+    k: int
+    gradient_checkpointing: bool
+
+
 class RDTTrainRewardLoRA:
     """Train a reward LoRA on a checkpoint (DRaFT-K / DRaFT+ / DRaFT-LV / ReFL / ImageReFL) with the rdt trainer."""
 
@@ -510,13 +525,16 @@ class RDTTrainRewardLoRA:
         return {"required": required, "optional": optional,
                 "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
-    def train(self, model, clip, vae, reward_model, reward_weight, prompts, objective, steps, learning_rate,
-              lora_rank, lora_alpha, k, sampling_steps, batch_size, grad_accumulation, kl_coeff, l2_init_coeff,
-              random_eta, seed, resolution, lora_name, if_exists, cfg=7.5, checkpoint_every=50,
-              gradient_checkpointing=False, images=None, captions="", prompt=None, unique_id=None, **optional):
-        import comfy.model_management as mm
+    def plan(self, model, clip, vae, reward_model, reward_weight, prompts, objective, steps, learning_rate,
+             lora_rank, lora_alpha, k, sampling_steps, batch_size, grad_accumulation, kl_coeff, l2_init_coeff,
+             random_eta, seed, resolution, lora_name, if_exists, cfg=7.5, checkpoint_every=50,
+             gradient_checkpointing=False, images=None, captions="", prompt=None, unique_id=None,
+             **optional) -> "TrainPlan":
+        """Check every input (before any model is touched) and build the run's config and file paths.
 
-        # ---- inputs, before touching any model
+        Raises:
+            TrainInputError: naming the input to change and what is accepted.
+        """
         prompt_list = parse_prompts(prompts)
         caption_list = parse_prompts(captions)
         _check_inputs(objective, prompt_list, int(resolution), int(k), int(sampling_steps), images, caption_list)
@@ -555,10 +573,25 @@ class RDTTrainRewardLoRA:
             gradient_checkpointing=gradient_checkpointing, rewards=rewards, name=name, output_dir=str(ckpt_dir),
             base_name=base_checkpoint_name(prompt, unique_id), resume=resume, dataset=dataset, family=family)
 
+        return TrainPlan(config, rewards, name, lora_path, int(steps), int(batch_size), int(resolution), int(k),
+                         bool(gradient_checkpointing))
+
+    def train(self, model, clip, vae, reward_model, reward_weight, prompts, objective, steps, learning_rate,
+              lora_rank, lora_alpha, k, sampling_steps, batch_size, grad_accumulation, kl_coeff, l2_init_coeff,
+              random_eta, seed, resolution, lora_name, if_exists, cfg=7.5, checkpoint_every=50,
+              gradient_checkpointing=False, images=None, captions="", prompt=None, unique_id=None, **optional):
+        plan = self.plan(model, clip, vae, reward_model, reward_weight, prompts, objective, steps, learning_rate,
+                         lora_rank, lora_alpha, k, sampling_steps, batch_size, grad_accumulation, kl_coeff,
+                         l2_init_coeff, random_eta, seed, resolution, lora_name, if_exists, cfg, checkpoint_every,
+                         gradient_checkpointing, images, captions, prompt, unique_id, **optional)
+        config, rewards, name, lora_path = plan.config, plan.rewards, plan.name, plan.lora_path
+
         # ---- training with ComfyUI's progress bar and interrupt
+        import comfy.model_management as mm
         import comfy.utils
 
-        bar = comfy.utils.ProgressBar(int(steps), node_id=unique_id)
+        steps = plan.steps
+        bar = comfy.utils.ProgressBar(steps, node_id=unique_id)
         interrupt: list[BaseException] = []
 
         def progress(step: int, metrics: dict[str, float]) -> None:
@@ -580,15 +613,16 @@ class RDTTrainRewardLoRA:
         except mm.OOM_EXCEPTION as err:
             if not _is_oom(err):
                 raise
-            raise RuntimeError(memory_error_message(err, batch_size=batch_size, resolution=resolution, k=k,
-                                                    gradient_checkpointing=gradient_checkpointing)) from None
+            raise RuntimeError(memory_error_message(err, batch_size=plan.batch_size, resolution=plan.resolution,
+                                                    k=plan.k, gradient_checkpointing=plan.gradient_checkpointing)
+                               ) from None
         if result.interrupted:
             log.info("RDTTrainRewardLoRA interrupted at step %d; %s holds those steps", result.steps, lora_path)
             if interrupt:
                 raise interrupt[0]
             mm.throw_exception_if_processing_interrupted()
         tuned = model_with_lora(model, result.tensors)
-        title = f"{name}: {objective}, {result.steps} steps, rewards {', '.join(r.label for r in rewards)}"
+        title = f"{name}: {config.run.objective}, {result.steps} steps, rewards {', '.join(r.label for r in rewards)}"
         plot = plot_history(result.history, title)
         rel = f"{name}.safetensors"
         return {"ui": {"text": (f"saved models/loras/{rel} ({result.steps} steps)",)}, "result": (tuned, rel, plot)}
