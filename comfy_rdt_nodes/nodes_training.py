@@ -420,9 +420,17 @@ def train_lora_in_comfy(model: Any, clip: Any, vae: Any, rewards: Sequence[Rewar
                 checkpoints = train_run.RunCheckpoints(run)
                 if config.run.resume:
                     checkpoints.resume()
-                result = train_run.run_training(run, progress=progress, should_stop=should_stop,
-                                                checkpoints=checkpoints)
                 lora_path.parent.mkdir(parents=True, exist_ok=True)
+                every = config.checkpoint.every
+
+                def on_step(step: int, metrics: dict[str, float]) -> None:
+                    if every > 0 and step % every == 0 and metrics.get("skipped", 0) == 0:
+                        train_run.export_lora(run.trainer, config, backbone, lora_path)  # the file follows the run
+                    if progress is not None:
+                        progress(step, metrics)
+
+                result = train_run.run_training(run, progress=on_step, should_stop=should_stop,
+                                                checkpoints=checkpoints)
                 train_run.export_lora(run.trainer, config, backbone, lora_path)
                 steps, history = run.trainer.step_count, result.history
         finally:
