@@ -511,7 +511,7 @@ class RDTTrainRewardLoRA:
             "l2_init_coeff": w("l2_init_coeff", "regularizers.l2_init_coeff"),
             "random_eta": ("BOOLEAN", {"default": False, "tooltip": "R0: a random DDIM eta in [0, 1] per training "
                                                                     "step [regularizers.random_eta_range]"}),
-            "seed": w("seed", "run.seed"),
+            "seed": (w("seed", "run.seed")[0], {**w("seed", "run.seed")[1], "control_after_generate": True}),
             "resolution": w("resolution", "model.resolution"),
             "lora_name": ("STRING", {"default": "rdt_reward_lora",
                                      "tooltip": "file name in models/loras (without .safetensors)"}),
