@@ -20,6 +20,7 @@ from rdt_lib.train.config import (
     preset_path,
     setting_specs,
     to_toml,
+    validate_config,
 )
 
 if sys.version_info >= (3, 11):
@@ -261,13 +262,22 @@ def test_k_larger_than_step_count_and_refl_range():
 
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
-        load_config([], ["optim.lr=-1", "lora.rank=0", "sampling.eta=2.0", "checkpoint.keep_last=0"],
-                    check_inputs=False)
+        load_config([], ["optim.lr=-1", "lora.rank=0", "sampling.eta=2.0", "checkpoint.keep_last=0",
+                         "objective.k=30"], check_inputs=False)
     text = str(info.value)
-    assert text.startswith("4 configuration problems:")
+    assert text.startswith("5 configuration problems:")
     for part in ("optim.lr must be > 0", "lora.rank must be >= 1", "sampling.eta must be in [0, 1]",
-                 "checkpoint.keep_last must be >= 1"):
+                 "checkpoint.keep_last must be >= 1", "objective.k = 30 is larger than objective.num_steps"):
         assert part in text
+    # a config built in code (as a user interface does) is checked the same way
+    config = TrainConfig()
+    config.optim.lr, config.objective.k = -1.0, 30
+    with pytest.raises(ConfigError, match=r"2 configuration problems:\n  - optim\.lr must be > 0.*\n  - objective\.k = 30"
+                                          r" is larger"):
+        validate_config(config, check_inputs=False)
+    config.optim.lr = "fast"
+    with pytest.raises(ConfigError, match=r"^optim\.lr: expected number, got str 'fast'$"):
+        validate_config(config, check_inputs=False)
 
 
 def test_regularizer_and_sampling_constraints():

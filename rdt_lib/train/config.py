@@ -1,19 +1,11 @@
-"""The reward trainer's settings: declared once, read by the files, ``--set``, ``--help`` and the ComfyUI nodes.
+"""The reward trainer's settings, each declared once (pydantic field: type, default, range, accepted names, help).
 
-Every setting is one pydantic field below: name, type, default, range (``ge`` / ``gt`` / ``le`` / ``lt``),
-accepted names and a help line. :func:`setting_spec` / :func:`setting_specs` read those declarations back (for
-user interfaces); :func:`format_help` prints them all.
-
-Loading (:func:`load_config`):
-
-1. Each file (TOML; ``.yaml`` / ``.yml``; or a preset name, see :func:`list_presets`) is read and its keys and
-   value types are checked alone, so an error names the file; an unknown key gets the closest valid key.
-2. Files are merged in order, later files winning; tables merge key by key, lists (``rewards`` too) are replaced.
-3. Overrides ``"section.key=value"`` apply in order. The value is parsed as a TOML literal (``3``, ``2.5e-4``,
-   ``true``, ``[1, 2]``, ``{name = "pickscore"}``) and kept as text when that fails or the key is a string.
-   ``rewards.0.weight=2`` addresses one reward table; index ``len(rewards)`` appends one.
-4. Types are checked strictly (ints are accepted for numbers; nothing else is converted), then the ranges and the
-   cross-field constraints (:func:`validate_config`); every problem is reported at once as a :class:`ConfigError`.
+The declarations feed the TOML / YAML files, ``--set``, ``--help`` (:func:`format_help`), the presets, the error
+messages and user interfaces (:func:`setting_spec`). :func:`load_config` reads files or preset names (each file's
+keys and types checked alone, so errors name the file), merges them in order (tables key by key, lists replaced),
+applies ``"section.key=value"`` overrides (TOML literals; text for string keys; ``rewards.0.weight=2``, index
+``len(rewards)`` appends a reward), checks types strictly (ints accepted for numbers), ranges and cross-field
+constraints, and reports every problem at once as a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -444,7 +436,8 @@ def _raise(problems: list[str], source: str = "") -> None:
         prefix = f"{source}: " if source else ""
         if len(problems) == 1:
             raise ConfigError(prefix + problems[0])
-        raise ConfigError(f"{prefix}{len(problems)} configuration problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{prefix}{len(problems)} configuration problems:\n{listed}")
 
 
 def _parse(data: Mapping[str, Any]) -> tuple[TrainConfig | None, list[tuple[str, str]]]:
@@ -479,23 +472,19 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    """One TOML / YAML file, its keys and value types checked (errors name the file)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        if yaml_file:
             import yaml
 
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         else:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    except Exception as exc:
-        if type(exc).__module__.startswith("yaml"):
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-        raise
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        raise ConfigError(f"{path}: invalid {'YAML' if yaml_file else 'TOML'}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table of sections")
     _raise([msg for kind, msg in _parse(data)[1] if kind != "value"], str(path))
@@ -540,7 +529,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             raise ConfigError(f"unknown key {key!r}{_suggest(None, path[0])}")
         if path[0] == "rewards" and len(path) > 1:
             if not path[1].isdigit():
-                raise ConfigError(f"{key!r}: reward tables are addressed as rewards.<index>.<key>, e.g. rewards.0.weight")
+                raise ConfigError(f"{key!r}: reward tables are addressed as rewards.<index>.<key>, "
+                                  f"e.g. rewards.0.weight")
             rewards = data.setdefault("rewards", [r.model_dump() for r in TrainConfig().rewards])
             index = int(path[1])
             if not isinstance(rewards, list) or index > len(rewards):
@@ -626,8 +616,9 @@ def _looks_local(value: str) -> bool:
 def validate_config(config: TrainConfig, *, known_rewards: Iterable[str] | None = None,
                     known_schedulers: Iterable[str] | None = None, check_inputs: bool = True) -> None:
     """Check ranges and cross-field constraints of a built config; raise one ConfigError listing every problem."""
-    _config, problems = _parse(config.model_dump(exclude_none=True))
-    _raise([msg for _, msg in problems] + _cross_checks(config, known_rewards, known_schedulers, check_inputs))
+    checked, problems = _parse(config.model_dump(exclude_none=True, warnings=False))
+    cross = _cross_checks(checked, known_rewards, known_schedulers, check_inputs) if checked is not None else []
+    _raise([msg for _, msg in problems] + cross)
 
 
 def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None, known_schedulers: Iterable[str] | None,

@@ -290,9 +290,9 @@ def build_run(
                             settings=TrainerSettings.from_config(config), accelerator=acc)
     n_params = sum(p.numel() for p in trainer.param_list)
     o = config.optim
-    say(f"model {config.model.path or type(backbone).__name__} ({'sdxl' if getattr(backbone, 'is_sdxl', False) else 'sd15'}"
-        f", {next(iter(trainer.params.values())).device}), LoRA rank {config.lora.rank}: {n_params:,} trainable "
-        f"parameters; objective {config.run.objective}; rewards {', '.join(r.name for r in config.rewards)}; "
+    kind = "sdxl" if getattr(backbone, "is_sdxl", False) else "sd15"
+    say(f"model {config.model.path or type(backbone).__name__} ({kind}, {device}), LoRA rank {config.lora.rank}: "
+        f"{n_params:,} trainable parameters; objective {config.run.objective}; rewards {', '.join(r.name for r in config.rewards)}; "
         f"{len(data)} training items; {acc.num_processes} process(es), global batch "
         f"{o.batch_size * o.grad_accum * acc.num_processes} [{time.perf_counter() - t0:.1f} s]")
     return TrainingRun(config, backbone, trainer, acc, say)
