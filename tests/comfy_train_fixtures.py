@@ -83,42 +83,40 @@ def train_inputs(**over: Any) -> dict[str, Any]:
     return values
 
 
-def train_graph(ckpt: str, reward_weights: str, *, reward: str = "aesthetic", sample: bool = True,
-                prefix: str = "tuned", **over: Any) -> dict[str, Any]:
-    """API graph: checkpoint -> reward loader -> RDTTrainRewardLoRA (-> KSampler on the tuned MODEL -> SaveLatent)."""
-    g: dict[str, Any] = {
+def train_graph(ckpt: str, reward_weights: str, *, reward: str = "aesthetic", **over: Any) -> dict[str, Any]:
+    """API graph: checkpoint -> reward loader -> RDTTrainRewardLoRA (node "3")."""
+    return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "RDTRewardModelLoader", "inputs": {"reward": reward, "weights": reward_weights,
                                                                "precision": "fp32"}},
         "3": {"class_type": "RDTTrainRewardLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                                              "reward_model": ["2", 0], **train_inputs(**over)}},
     }
-    if sample:
-        g.update(sampling_nodes(["3", 0], prefix))
-    return g
 
 
-def sampling_nodes(model_link: list, prefix: str, seed: int = 11) -> dict[str, Any]:
-    """KSampler (euler, 6 steps, cfg 7.5, 64x64) on ``model_link`` saved with SaveLatent ``prefix``."""
+def sampling_nodes(first: int, model_link: list, negative: Any, prefix: str, seed: int = 11) -> dict[str, Any]:
+    """KSampler (euler, 6 steps, cfg 7.5, 64x64) on ``model_link`` saved with SaveLatent ``prefix``; node ids from
+    ``first``. ``negative`` is the negative prompt's text or a link to a STRING output (the same text through a
+    link makes a sampler run after that node, with the same conditioning)."""
+    a, b, c, d, e = (str(first + i) for i in range(5))
     return {
-        "10": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
-        "11": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "12": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "13": {"class_type": "KSampler", "inputs": {"model": model_link, "seed": seed, "steps": 6, "cfg": 7.5,
-                                                    "sampler_name": "euler", "scheduler": "normal",
-                                                    "positive": ["10", 0], "negative": ["11", 0],
-                                                    "latent_image": ["12", 0], "denoise": 1.0}},
-        "14": {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": prefix}},
+        a: {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        b: {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        c: {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        d: {"class_type": "KSampler", "inputs": {"model": model_link, "seed": seed, "steps": 6, "cfg": 7.5,
+                                                 "sampler_name": "euler", "scheduler": "normal",
+                                                 "positive": [a, 0], "negative": [b, 0], "latent_image": [c, 0],
+                                                 "denoise": 1.0}},
+        e: {"class_type": "SaveLatent", "inputs": {"samples": [d, 0], "filename_prefix": prefix}},
     }
 
 
-def base_graph(ckpt: str, prefix: str) -> dict[str, Any]:
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-            **sampling_nodes(["1", 0], prefix)}
+def checkpoint_node(ckpt: str) -> dict[str, Any]:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
 
 
-def lora_loader_graph(ckpt: str, lora_file: str, prefix: str) -> dict[str, Any]:
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+def lora_loader_graph(ckpt: str, lora_file: str, negative: str, prefix: str) -> dict[str, Any]:
+    return {**checkpoint_node(ckpt),
             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_file,
                                                          "strength_model": 1.0, "strength_clip": 1.0}},
-            **sampling_nodes(["2", 0], prefix)}
+            **sampling_nodes(20, ["2", 0], negative, prefix)}
