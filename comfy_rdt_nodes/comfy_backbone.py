@@ -180,23 +180,26 @@ class DiffusersNamedView(_MirrorNode):
                 setattr(parent, leaf, original)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute the UNet's block activations in the backward pass (``torch.utils.checkpoint`` around each
-        ``input_blocks[i]``, ``middle_block`` and ``output_blocks[i]``); undone by :meth:`restore`."""
+        """Recompute the UNet's activations in the backward pass: ``torch.utils.checkpoint`` around every layer of
+        ``input_blocks[i]``, ``middle_block`` and ``output_blocks[i]`` (ComfyUI calls those layers one by one, not
+        the blocks' own forward); undone by :meth:`restore`."""
         unet = self.unet
         blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + \
             list(getattr(unet, "output_blocks", []))
         for block in blocks:
-            if block is None or "forward" in block.__dict__:
-                continue
+            for layer in (block.children() if block is not None else []):
+                if "forward" in layer.__dict__:
+                    continue
 
-            def checkpointed(*args, __block=block, **kwargs):
-                cls_forward = type(__block).forward
-                if not torch.is_grad_enabled():
-                    return cls_forward(__block, *args, **kwargs)
-                return torch.utils.checkpoint.checkpoint(cls_forward, __block, *args, use_reentrant=False, **kwargs)
+                def checkpointed(*args, __layer=layer, **kwargs):
+                    cls_forward = type(__layer).forward
+                    if not torch.is_grad_enabled():
+                        return cls_forward(__layer, *args, **kwargs)
+                    return torch.utils.checkpoint.checkpoint(cls_forward, __layer, *args, use_reentrant=False,
+                                                             **kwargs)
 
-            block.forward = checkpointed
-            self.originals.append((None, None, block))
+                layer.forward = checkpointed
+                self.originals.append((None, None, layer))
 
 
 # ---------------------------------------------------------------------------------------------------------------

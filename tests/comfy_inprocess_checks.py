@@ -126,6 +126,22 @@ def main() -> None:
                 [k for k in after if k not in before][:5]
             out["lora_layers_left"] = sum(isinstance(m, LoraLayer) for m in model.model.diffusion_model.modules())
             out["rng_unchanged"] = bool(torch.equal(rng_before, torch.random.get_rng_state()))
+
+            # ---- gradient checkpointing: the same LoRA, and the wrappers are gone afterwards
+            loras = {}
+            for flag in (False, True):
+                handle = type("Handle", (), {"name": "aesthetic", "reward": FailingReward(fail_at=99),
+                                             "patcher": None})()
+                rw = [RewardInput(handle, 1.0, "aesthetic")]
+                cfg = config.model_copy(update={
+                    "optim": config.optim.model_copy(update={"gradient_checkpointing": flag}),
+                    "run": config.run.model_copy(update={"max_steps": 1, "output_dir": str(work / f"gc{flag}")})})
+                res = train_lora_in_comfy(model, clip, vae, rw, cfg, lora_path=work / "loras" / f"gc{flag}.safetensors")
+                loras[flag] = res.tensors
+            out["gc_max_diff"] = max(float((loras[True][k] - loras[False][k]).abs().max()) for k in loras[True])
+            out["gc_lora_size"] = max(float(v.abs().max()) for k, v in loras[True].items() if "lora_up" in k)
+            out["gc_wrappers_left"] = sum("forward" in m.__dict__ for m in model.model.diffusion_model.modules())
+            out["gc_snapshot_equal"] = before == _snapshot(watched)
         print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -44,3 +44,11 @@ def test_failed_training_restores_the_model(checks):
     assert checks["snapshot_equal"], checks["snapshot_diff"]
     assert checks["lora_layers_left"] == 0
     assert checks["rng_unchanged"]
+
+
+@pytest.mark.comfyui
+def test_gradient_checkpointing_gives_the_same_lora_and_is_undone(checks):
+    assert checks["gc_lora_size"] > 1e-4  # one step moved lora_up away from zero
+    assert checks["gc_max_diff"] < 1e-6
+    assert checks["gc_wrappers_left"] == 0
+    assert checks["gc_snapshot_equal"]
