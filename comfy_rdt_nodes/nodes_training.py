@@ -478,6 +478,7 @@ class RDTTrainRewardLoRA:
 
     CATEGORY = "rdt/training"
     FUNCTION = "train"
+    OUTPUT_NODE = True  # it saves a file: a graph of loaders and this node alone is a valid prompt
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
     RETURN_NAMES = ("model", "lora_name", "reward_loss_plot")
     OUTPUT_TOOLTIPS = ("the input MODEL with the trained LoRA applied as patches (the tuned model for the Dual-Model "
