@@ -142,6 +142,22 @@ def main() -> None:
             out["gc_lora_size"] = max(float(v.abs().max()) for k, v in loras[True].items() if "lora_up" in k)
             out["gc_wrappers_left"] = sum("forward" in m.__dict__ for m in model.model.diffusion_model.modules())
             out["gc_snapshot_equal"] = before == _snapshot(watched)
+            # ---- ImageReFL on an IMAGE batch: the VAE encodes the real images, one step trains
+            from comfy_rdt_nodes.nodes_training import _write_dataset
+
+            images = torch.rand(2, 32, 32, 3, generator=g)
+            dataset = _write_dataset(work / "imgs", images, ["a cat", "a house"])
+            handle = type("Handle", (), {"name": "aesthetic", "reward": FailingReward(fail_at=99), "patcher": None})()
+            rw = [RewardInput(handle, 1.0, "aesthetic")]
+            cfg = node_config(objective="imagerefl", prompts=[], steps=1, learning_rate=1e-3, lora_rank=2,
+                              lora_alpha=2.0, k=1, sampling_steps=4, batch_size=2, grad_accumulation=1, kl_coeff=0.0,
+                              l2_init_coeff=0.0, random_eta=False, seed=0, resolution=32, cfg=7.5, checkpoint_every=0,
+                              gradient_checkpointing=False, rewards=rw, name="irefl",
+                              output_dir=str(work / "irefl"), base_name="tiny", resume=False, dataset=dataset)
+            res = train_lora_in_comfy(model, clip, vae, rw, cfg, lora_path=work / "loras" / "irefl.safetensors")
+            out["imagerefl_steps"] = res.steps
+            out["imagerefl_metrics"] = sorted(res.history[0]) if res.history else []
+            out["imagerefl_lora_size"] = max(float(v.abs().max()) for k, v in res.tensors.items() if "lora_up" in k)
         print("RESULT " + json.dumps(out), flush=True)
 
 

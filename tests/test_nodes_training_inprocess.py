@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_server import comfyui_dir, comfyui_python
+from comfyui_server import HOST_HINT, comfyui_dir, comfyui_python
 
 HERE = Path(__file__).resolve().parent
 
@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 def checks():
     tree = comfyui_dir()
     if tree is None:
-        pytest.skip("ComfyUI tests need a ComfyUI tree: eval \"$(bash scripts/comfyui_host.sh)\"")
+        pytest.skip(HOST_HINT)
     env = {**os.environ, "COMFYUI_DIR": str(tree),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([comfyui_python(tree), str(HERE / "comfy_inprocess_checks.py")], capture_output=True,
@@ -52,3 +52,10 @@ def test_gradient_checkpointing_gives_the_same_lora_and_is_undone(checks):
     assert checks["gc_max_diff"] < 1e-6
     assert checks["gc_wrappers_left"] == 0
     assert checks["gc_snapshot_equal"]
+
+
+@pytest.mark.comfyui
+def test_imagerefl_trains_on_an_image_batch(checks):
+    assert checks["imagerefl_steps"] == 1
+    assert "diffusion_mse" in checks["imagerefl_metrics"]
+    assert checks["imagerefl_lora_size"] > 1e-4
