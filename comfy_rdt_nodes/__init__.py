@@ -7,9 +7,9 @@ the modules import (and their node functions run) without ComfyUI.
 
 from __future__ import annotations
 
-from . import nodes_reward, nodes_sampling
+from . import nodes_reward, nodes_sampling, nodes_training
 
-_FAMILIES = [nodes_sampling, nodes_reward]
+_FAMILIES = [nodes_sampling, nodes_reward, nodes_training]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
