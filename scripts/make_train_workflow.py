@@ -12,7 +12,6 @@ and scored by the RDT Reward Scorer; the trainer's reward/loss plot is previewed
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -95,24 +94,7 @@ def render() -> dict[Path, str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only check that the files are up to date")
-    args = ap.parse_args(argv)
-    stale = []
-    for path, text in render().items():
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(path)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    if stale:
-        print("out of date: " + ", ".join(str(p.relative_to(mw.REPO)) for p in stale), file=sys.stderr)
-        return 1
-    return 0
-
+    return mw.write_or_check(render(), argv, __doc__.splitlines()[0])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -221,12 +221,13 @@ def render() -> dict[Path, str]:
     return files
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_or_check(files: dict[Path, str], argv=None, description: str = "") -> int:
+    """Write ``files`` (path -> text) atomically, or with ``--check`` only report those that differ (exit 1)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--check", action="store_true", help="only check that the files are up to date")
     args = ap.parse_args(argv)
     stale = []
-    for path, text in render().items():
+    for path, text in files.items():
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(path)
@@ -239,6 +240,10 @@ def main(argv=None) -> int:
         print("out of date: " + ", ".join(str(p.relative_to(REPO)) for p in stale), file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    return write_or_check(render(), argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Kinds:
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .errors import RewardCheckpointError, RewardWeightsNotFoundError
-from .weights import WEIGHT_SUFFIXES
+from .weights import WEIGHT_SUFFIXES, load_checkpoint
 
 # Known sizes of the released CLIP backbones (vision hidden size, patch size, projection dim).
 CLIP_FAMILIES = {
@@ -87,21 +86,7 @@ def _read_tensor_names(path: Path) -> tuple[list[str], dict]:
                 return list(f.keys()), dict(f.metadata() or {})
         except Exception as exc:  # safetensors raises its own error types for a bad header
             raise RewardCheckpointError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise RewardCheckpointError(
-            f"refusing to load {str(path)!r}: the pickle needs code execution to load (only tensors, dicts, lists "
-            "and numbers are accepted with torch.load(weights_only=True)). Re-save its state_dict as safetensors "
-            f"from a trusted environment. Detail: {str(exc).splitlines()[0][:300]}"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise RewardCheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    obj = load_checkpoint(path, mmap=True)
     metadata: dict = {}
     state = obj
     if isinstance(obj, Mapping):

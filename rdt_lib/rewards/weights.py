@@ -109,13 +109,23 @@ def find_weight_file(path: Path, *, reward: str, preferred: Iterable[str], repo_
     )
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint without executing code: safetensors, or a pickle through ``weights_only=True``."""
+def load_checkpoint(path: Path, *, mmap: bool = False) -> dict:
+    """Load a checkpoint without executing code: safetensors, or a pickle through ``weights_only=True``.
+
+    ``mmap``: memory-map a (zip) pickle so its tensors' data is read only when touched (legacy non-zip pickles
+    cannot be mapped and are read whole).
+    """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
     try:
+        if mmap:
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise RewardCheckpointError(
