@@ -255,7 +255,8 @@ class ComfyBackbone(Backbone):
         self.patcher = model
         self.base_model = model.model
         self.unet = self.base_model.diffusion_model
-        self.model_sampling = self.base_model.model_sampling
+        # ComfyUI's own object; Backbone.model_sampling is rdt's, built from the scheduler_config below
+        self.comfy_model_sampling = self.base_model.model_sampling
         self.latent_format = self.base_model.latent_format
         self.clip = clip
         self.vae = vae
@@ -263,15 +264,15 @@ class ComfyBackbone(Backbone):
         self.default_cfg = 5.0 if self.is_sdxl else 7.5
         self.vae_scale_factor = 8
         self.default_resolution = int(resolution or (1024 if self.is_sdxl else 512))
-        if isinstance(self.model_sampling, comfy.model_sampling.V_PREDICTION):
+        if isinstance(self.comfy_model_sampling, comfy.model_sampling.V_PREDICTION):
             self.prediction_type = "v_prediction"
-        elif isinstance(self.model_sampling, comfy.model_sampling.EPS):
+        elif isinstance(self.comfy_model_sampling, comfy.model_sampling.EPS):
             self.prediction_type = "epsilon"
         else:
-            raise UnsupportedModelError(f"unsupported model sampling {type(self.model_sampling).__name__} "
+            raise UnsupportedModelError(f"unsupported model sampling {type(self.comfy_model_sampling).__name__} "
                                         "(the trainer needs an eps- or v-prediction model)")
         self.scheduler_config = scheduler_config_from_model_sampling(
-            self.model_sampling, self.base_model.model_config, self.prediction_type)
+            self.comfy_model_sampling, self.base_model.model_config, self.prediction_type)
         self.network = DiffusersNamedView(self.unet)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -353,7 +354,7 @@ class ComfyBackbone(Backbone):
         ``x0 + sigma * noise``, sigma one per row or a scalar)."""
         from rdt_lib.lora import use_adapters
 
-        ms = self.model_sampling
+        ms = self.comfy_model_sampling
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         xc = ms.calculate_input(sigma, x)
         timestep = ms.timestep(sigma)
