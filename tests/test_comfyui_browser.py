@@ -160,10 +160,15 @@ def _write_tiny_reward(rewards_dir: Path, reward: str) -> str:
     return reward_fixtures.make_tiny_reward(reward, rewards_dir).name + "/"
 
 
+# A shipped training workflow trains for real (hundreds of steps at 512 px); in the test it trains a token run.
+TRAIN_TEST_SETTINGS = {"steps": 2, "grad_accumulation": 1, "sampling_steps": 3, "resolution": 64}
+
+
 def prepare_for_test_run(page: cb.ComfyPage, models_dir: Path) -> list[str]:
     """Point the loaded graph at the test models, as a user would edit widgets: every ``ckpt_name`` at the tiny
     checkpoint, latent sizes at 64, every ``lora_name`` not on the host at a stand-in LoRA of that name, every
-    reward loader's missing ``weights`` at a tiny reward of its reward name.
+    reward loader's missing or hub (``default``) ``weights`` at a tiny reward of its reward name, and a training
+    node's length and size at :data:`TRAIN_TEST_SETTINGS`.
     Returns what was changed."""
     changes = []
     for node in page.widgets():
@@ -179,8 +184,12 @@ def prepare_for_test_run(page: cb.ComfyPage, models_dir: Path) -> list[str]:
                   and not (models_dir / "loras" / value).exists()):
                 _write_stand_in_lora(models_dir / "loras" / value)
                 changes.append(f"{node['type']}#{node['id']}.lora_name: stand-in file {value}")
-            elif node["type"] == "RDTRewardModelLoader" and name == "weights" and value != "default" and not (
-                    models_dir / "rewards" / value).exists():
+            elif node["type"] == "RDTTrainRewardLoRA" and name in TRAIN_TEST_SETTINGS \
+                    and value != TRAIN_TEST_SETTINGS[name]:
+                page.set_widget(node["id"], name, TRAIN_TEST_SETTINGS[name])
+                changes.append(f"{node['type']}#{node['id']}.{name}: {value} -> {TRAIN_TEST_SETTINGS[name]}")
+            elif node["type"] == "RDTRewardModelLoader" and name == "weights" and (value == "default" or not (
+                    models_dir / "rewards" / value).exists()):  # "default" is the hub: never reachable here
                 reward = next(x["value"] for x in node["widgets"] if x["name"] == "reward")
                 tiny = _write_tiny_reward(models_dir / "rewards", reward)
                 page.set_widget(node["id"], name, tiny)
