@@ -161,7 +161,8 @@ def _write_tiny_reward(rewards_dir: Path, reward: str) -> str:
 
 
 # A shipped training workflow trains for real (hundreds of steps at 512 px); in the test it trains a token run.
-TRAIN_TEST_SETTINGS = {"steps": 2, "grad_accumulation": 1, "sampling_steps": 3, "resolution": 64}
+TRAIN_TEST_SETTINGS = {"steps": 2, "grad_accumulation": 1, "sampling_steps": 3, "resolution": 64,
+                       "if_exists": "overwrite"}  # an earlier workflow may have left a stand-in LoRA of that name
 
 
 def prepare_for_test_run(page: cb.ComfyPage, models_dir: Path) -> list[str]:
