@@ -57,7 +57,21 @@ def betas_for(beta_schedule: str, num_timesteps: int = 1000, beta_start: float =
     raise ValueError(f"unsupported beta_schedule {beta_schedule!r}; accepted: scaled_linear, linear, squaredcos_cap_v2")
 
 
-class DiscreteVP:
+class _SigmaTable:
+    """The model's sigma table ``sigmas`` (ascending, one per training timestep) and its ends."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+
+class DiscreteVP(_SigmaTable):
     """Discrete-time variance-preserving model sampling (ComfyUI ``ModelSamplingDiscrete`` + ``EPS`` / ``V_PREDICTION``).
 
     Args:
@@ -82,14 +96,6 @@ class DiscreteVP:
     @classmethod
     def from_betas(cls, betas: torch.Tensor, prediction: str = "eps") -> "DiscreteVP":
         return cls(torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), dim=0), prediction)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The training timestep nearest to ``sigma`` in log-sigma (an argmin; float tensor of integers)."""
@@ -146,7 +152,7 @@ class DiscreteVP:
         return f"DiscreteVP(prediction={self.prediction!r}, sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g})"
 
 
-class FlowMatch:
+class FlowMatch(_SigmaTable):
     """Rectified-flow model sampling (ComfyUI ``ModelSamplingDiscreteFlow`` + ``CONST``).
 
     ``sigma(t) = shift * u / (1 + (shift - 1) * u)`` with ``u = t / multiplier``; the network's timestep is
@@ -163,14 +169,6 @@ class FlowMatch:
         self.multiplier = float(multiplier)
         self.sigmas = self.sigma(torch.arange(1, num_timesteps + 1, dtype=torch.float32) / num_timesteps * self.multiplier)
         self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         return torch.as_tensor(sigma, dtype=torch.float32) * self.multiplier
