@@ -101,25 +101,13 @@ def detect_checkpoint_kind(path: str | Path) -> str:
 
 
 def build_backbone(config: TrainConfig, *, device: torch.device, dtype: torch.dtype):
-    """The Stable Diffusion backbone of ``config.model`` (diffusers dir, single file or hub id), frozen."""
-    from ..backbones.stable_diffusion import StableDiffusionBackbone
+    """The backbone of ``config.model`` (diffusers dir, single file or hub id), frozen
+    (:func:`rdt_lib.backbones.loading.load_backbone`)."""
+    from ..backbones.loading import load_backbone
 
     m = config.model
-    path = Path(m.path).expanduser()
-    if path.is_file():
-        kind = detect_checkpoint_kind(path) if m.kind == "auto" else m.kind
-        backbone = StableDiffusionBackbone.from_single_file(path, kind=kind, config=m.single_file_config or None,
-                                                            dtype=dtype, device=device)
-    else:
-        backbone = StableDiffusionBackbone.from_pretrained(str(path) if path.exists() else m.path, kind=m.kind,
-                                                           dtype=dtype, device=device)
-    pipe = backbone.pipe
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.requires_grad_(False)
-            module.eval()
-    return backbone
+    return load_backbone(m.path, kind=m.kind, single_file_config=m.single_file_config or None, dtype=dtype,
+                         device=device)
 
 
 def build_reward(config: TrainConfig, *, device: torch.device, dtype: torch.dtype | None = None,
