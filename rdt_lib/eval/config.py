@@ -100,7 +100,7 @@ class PromptsSection(Section):
     limit: int = S(0, "use only the first N prompts (0 = all)", ge=0)
     column: str = S("", "column of a .csv file or dataset ('' = prompt / Prompt / Prompts / caption / text)")
     split: str = S("", "split of a Hugging Face dataset ('' = the dataset's usual test split)")
-    images_per_prompt: int = S(5, "images per prompt, one per seed; diversity compares them, so at least 2", ge=2)
+    images_per_prompt: int = S(5, "images per prompt, one per seed; diversity compares them, so at least 2", ge=1)
     seeds: list[int] = S([], "the seeds, one per image of a prompt ([] = 0 .. images_per_prompt - 1); every prompt "
                              "and schedule uses the same seeds")
 
@@ -233,6 +233,9 @@ def _cross_checks(c: EvalConfig, check_inputs: bool = True) -> list[str]:
         elif r.name.strip().lower() not in rewards_ok:
             err(not_one_of(f"rewards.{i}.name", r.name, rewards_ok, "unknown reward {!r}; accepted:"))
     p = c.prompts
+    if p.images_per_prompt < 2:
+        err(f"prompts.images_per_prompt = {p.images_per_prompt}: diversity compares the images of one prompt with "
+            "each other, so it needs at least 2 per prompt (ImageReFL uses 5)")
     if p.seeds:
         if len(p.seeds) != p.images_per_prompt:
             err(f"prompts.seeds has {len(p.seeds)} seeds but prompts.images_per_prompt = {p.images_per_prompt}; "

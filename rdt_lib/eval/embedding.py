@@ -53,7 +53,7 @@ class DinoEmbedder(torch.nn.Module):
         from transformers import ViTModel
 
         try:
-            model = ViTModel.from_pretrained(source, add_pooling_layer=False, torch_dtype=dtype)
+            model = ViTModel.from_pretrained(source, add_pooling_layer=False, dtype=dtype)
         except OSError as err:
             where = ("the Hugging Face hub could not be reached and it is not in the local cache"
                      if hub_unreachable(err) else str(err).splitlines()[0])
