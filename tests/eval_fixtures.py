@@ -31,8 +31,9 @@ def tiny_vit_dir() -> Path:
 
     config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    model = ViTModel(config, add_pooling_layer=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ViTModel(config, add_pooling_layer=False)
     root = Path(tempfile.mkdtemp(prefix="rdt_eval_vit_")) / "vit"
     model.save_pretrained(str(root))
     return root
@@ -46,8 +47,10 @@ def tiny_lora_file(sdxl: bool = False, seed: int = 7) -> Path:
     from rdt_lib.lora_io import save_lora
 
     bb = StableDiffusionBackbone.from_pretrained(tiny_sd_dir(sdxl))
-    add_lora(bb.network, "tuned", rank=2, alpha=2, init_lora_weights="gaussian",
-             target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.random.fork_rng(devices=[]):  # the same file whatever ran before
+        torch.manual_seed(seed)
+        add_lora(bb.network, "tuned", rank=2, alpha=2, init_lora_weights="gaussian",
+                 target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in bb.network.named_parameters():

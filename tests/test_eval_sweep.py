@@ -139,7 +139,8 @@ def test_metrics_equal_a_numpy_recomputation_from_the_cached_images(first_run):
     def spectrum(e):
         return np.sort(np.linalg.eigvalsh(np.cov(e, rowvar=False)))
 
-    assert abs(diversity(feats["base"]) - diversity(feats["lora:0.5"])) > 1e-3
+    values = [diversity(e) for e in feats.values()]
+    assert max(values) - min(values) > 1e-3  # the schedules differ by far more than the tolerances below
     for name, e in feats.items():
         row = rows[name]
         assert float(row["diversity"]) == pytest.approx(diversity(e), rel=1e-4, abs=1e-7)
