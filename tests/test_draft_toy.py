@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rdt_lib.backbones.toy2d import TOY_LORA_TARGETS, GaussianMixture2D, ToyBackbone, ToyDenoiser, train_toy_base
-from rdt_lib.demo import toy_reward
+from rdt_lib.demo import ToyReward
 from rdt_lib.denoisers import ModelBranch
 from rdt_lib.lora import add_lora, lora_parameters
 from rdt_lib.objectives.draft import DraftK
@@ -27,7 +27,7 @@ def test_draft_k_raises_the_reward(trained_toy, k):
 
     bb0, mixture = trained_toy
     bb = copy.deepcopy(bb0)
-    reward = toy_reward(mixture)
+    reward = ToyReward(mixture)
     add_lora(bb.network, "tuned", rank=4, target_modules=TOY_LORA_TARGETS)
     before = {n: p.detach().clone() for n, p in lora_parameters(bb.network, "tuned").items()}
     trainer = RewardTrainer(bb, DraftK(num_steps=10, k=k, scheduler="simple"), reward, [""],
@@ -49,7 +49,7 @@ def test_gradient_flows_only_through_the_last_k_steps(trained_toy):
 
     bb, mixture = copy.deepcopy(trained_toy[0]), trained_toy[1]
     add_lora(bb.network, "tuned", rank=2, target_modules=TOY_LORA_TARGETS, init_lora_weights=False)
-    reward = toy_reward(mixture)
+    reward = ToyReward(mixture)
     params = list(lora_parameters(bb.network, "tuned").values())
     out = DraftK(num_steps=6, k=1, scheduler="normal")(bb, reward, [""] * 8, list(range(8)))
     g_draft = torch.autograd.grad(out.loss, params, allow_unused=True)

@@ -77,6 +77,17 @@ def test_vendi_hand_computed_two_items() -> None:
     assert vendi_score(e) == pytest.approx(expected, abs=1e-12)
 
 
+def test_vendi_matches_the_n_by_n_kernel_definition_when_n_exceeds_d() -> None:
+    # N > D takes the D x D route; the definition's N x N cosine kernel, computed here, must give the same value
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    u = x / x.norm(dim=1, keepdim=True)
+    lam = torch.linalg.eigvalsh(u @ u.T / 40).clamp_min(0)
+    lam = lam[lam > 1e-12]
+    expected = math.exp(float(-(lam * lam.log()).sum()))
+    assert 1.5 < expected < 3.0
+    assert vendi_score(x) == pytest.approx(expected, rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- spectral distance
 
 # reference: points on the axes, covariance (divided by N-1 = 3) diag(2/3, 8/3)

@@ -103,6 +103,8 @@ def vendi_score(embeddings: torch.Tensor) -> float:
 
     ``K_ij = cos(e_i, e_j)``; with ``lambda_1..N`` the eigenvalues of ``K / N`` (a symmetric eigensolver;
     they are non-negative and sum to 1), the score is ``exp(-sum_i lambda_i log lambda_i)`` (``0 log 0 = 0``).
+    Where ``N > D`` the non-zero eigenvalues come from the ``D x D`` matrix ``U^T U / N`` of the unit rows ``U``
+    (the same spectrum, cheaper).
 
     Args:
         embeddings: ``[N, D]``, ``N >= 1``, no zero rows.
@@ -112,8 +114,11 @@ def vendi_score(embeddings: torch.Tensor) -> float:
         N when they are pairwise orthogonal (so at most ``min(N, D)``).
     """
     x = _as_matrix(embeddings, "embeddings", min_rows=1)
-    k = _cosine_matrix(x, "embeddings")
-    lam = torch.linalg.eigvalsh(k / x.shape[0]).clamp_min(0.0)
+    u = _unit_rows(x, "embeddings")
+    n, d = u.shape
+    # K / N = U U^T / N and U^T U / N share their non-zero eigenvalues: take the smaller matrix
+    gram = u @ u.T if n <= d else u.T @ u
+    lam = torch.linalg.eigvalsh(gram / n).clamp_min(0.0)
     lam = lam / lam.sum()
     nz = lam[lam > 0]
     entropy = float(-(nz * nz.log()).sum())
