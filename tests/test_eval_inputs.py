@@ -159,3 +159,24 @@ def test_dino_preprocessing_matches_pil_resize_and_centre_crop():
     assert ours.shape == (3, 224, 224)
     assert (ref - ref.mean()).abs().mean() > 0.3  # the image is not flat
     assert (ours - ref).abs().mean() < 0.03  # PIL's bicubic kernel (a = -0.5) vs torch's (a = -0.75), 8-bit PIL
+
+
+def test_with_several_processes_a_failure_before_sampling_stops_every_process(monkeypatch):
+    from rdt_lib.eval import sweep
+
+    class TwoProcesses:
+        num_processes = 2
+
+    sent = []
+
+    def gather_object(items):  # what accelerate's gather gives: every process's list, concatenated
+        sent.extend(items)
+        return items + ["prompt file 'p.txt' has no prompts"]
+
+    monkeypatch.setattr("accelerate.utils.gather_object", gather_object)
+    with pytest.raises(InputError, match="another process stopped before sampling: prompt file 'p.txt' has no"):
+        sweep._agree(TwoProcesses(), None)
+    assert sent == [""]
+    with pytest.raises(MissingFileError, match="no weights"):
+        sweep._agree(TwoProcesses(), MissingFileError("no weights"))
+    assert sent == ["", "no weights"]

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import InputError, one_line
 from ..evaluation.diversity import grouped_diversity, spectral_distance, vendi_score
 from ..sampling import sample
 from .cache import ImageCache
@@ -62,6 +63,20 @@ def _process_state():
 
         return PartialState(cpu=not torch.cuda.is_available())
     return _LocalState()
+
+
+def _agree(state: Any, failure: BaseException | None) -> None:
+    """Raise ``failure``; with several processes, every process first learns whether any failed (so none waits
+    for a process that stopped), and the others raise an :class:`InputError` quoting it."""
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = gather_object([one_line(failure) if failure is not None else ""])
+        others = [m for m in messages if m]
+        if failure is None and others:
+            raise InputError(f"another process stopped before sampling: {others[0]}")
+    if failure is not None:
+        raise failure
 
 
 def resolve_device(name: str, state: Any = None) -> torch.device:
@@ -114,19 +129,24 @@ def run_sweep(config: EvalConfig, *, log: Callable[[str], None] | None = None,
     draw = sampler or sample
     t_start = time.perf_counter()
 
-    # ---- everything that can be wrong, before any sampling
-    p = config.prompts
-    prompts = load_prompts(p.source, column=p.column, split=p.split, limit=p.limit, inline=p.text)
-    seeds = list(p.seeds) or list(range(p.images_per_prompt))
-    schedules = [parse_sweep_schedule(name) for name in config.schedules.names]
-    device = resolve_device(config.run.device, state)
-    dtype = resolve_dtype(config.run.dtype, device)
-    need_tuned = any(s.uses_tuned for s in schedules)
-    models = load_models(config, device=device, dtype=dtype, need_tuned=need_tuned)
-    labels = _reward_labels(config)
-    rewards, embedder = ([], None)
-    if main:
-        rewards, embedder = _load_scorers(config, device)
+    # ---- everything that can be wrong, before any sampling (every process learns whether one failed)
+    failure: BaseException | None = None
+    try:
+        p = config.prompts
+        prompts = load_prompts(p.source, column=p.column, split=p.split, limit=p.limit, inline=p.text)
+        seeds = list(p.seeds) or list(range(p.images_per_prompt))
+        schedules = [parse_sweep_schedule(name) for name in config.schedules.names]
+        device = resolve_device(config.run.device, state)
+        dtype = resolve_dtype(config.run.dtype, device)
+        need_tuned = any(s.uses_tuned for s in schedules)
+        models = load_models(config, device=device, dtype=dtype, need_tuned=need_tuned)
+        labels = _reward_labels(config)
+        rewards, embedder = ([], None)
+        if main:
+            rewards, embedder = _load_scorers(config, device)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes heard of it
+        failure = exc
+    _agree(state, failure)
     t_loaded = time.perf_counter()
 
     run_dir = Path(config.run.output_dir).expanduser()
@@ -188,8 +208,9 @@ def run_sweep(config: EvalConfig, *, log: Callable[[str], None] | None = None,
         row: dict[str, Any] = {"name": schedule.name}
         t0 = time.perf_counter()
         for label, reward in zip(labels, rewards):
-            scores = torch.cat([reward(images[i:i + mb].to(reward.device), [pr for pr, _ in items[i:i + mb]])
-                                .detach().float().cpu() for i in range(0, len(items), mb)])
+            with torch.no_grad():
+                scores = torch.cat([reward(images[i:i + mb].to(reward.device), [pr for pr, _ in items[i:i + mb]])
+                                    .float().cpu() for i in range(0, len(items), mb)])
             row[label] = float(scores.mean())
             row[f"{label}_std"] = float(scores.std(unbiased=False))
         t1 = time.perf_counter()
