@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +148,18 @@ def test_metrics_equal_a_numpy_recomputation_from_the_cached_images(first_run):
         assert float(row["spectral_distance"]) == pytest.approx(dist, rel=1e-3, abs=1e-7)
 
 
-def test_rerun_with_one_more_schedule_samples_only_that_schedule(first_run, tmp_path, monkeypatch):
+def test_rerun_with_one_more_schedule_samples_only_that_schedule(first_run, tmp_path, monkeypatch, capsys):
     out, _ = first_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     before = _rows(copy / "results.csv")
     recorder = Recorder()
-    assert _run_cli(monkeypatch, copy, recorder, **{"schedules.names": SCHEDULES + ["power:2"]}) == 0
+    assert _run_cli(monkeypatch, copy, recorder, **{"schedules.names": SCHEDULES + ["power:2"],
+                                                    "run.progress_bar": True}) == 0
     assert [c[0] for c in recorder.calls] == ["power:2", "power:2"]
+    captured = capsys.readouterr()
+    assert "16 of this process's 20 cached" in captured.out
+    assert "sweep: 100%" in captured.err and "20/20" in captured.err  # one bar over the whole sweep
     after = _rows(copy / "results.csv")
     assert after[:4] == before and after[4]["name"] == "power:2"
 

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ..settings import ConfigError, S, Section, SettingSpec, SettingsSchema, not_one_of, parse_override
 
