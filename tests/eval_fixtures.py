@@ -9,16 +9,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers.utils import logging as _diffusers_logging
-from transformers.utils import logging as _transformers_logging
 
 from train_fixtures import tiny_reward_dir, tiny_sd_dir
-
-# diffusers and transformers bind their log handler to the sys.stderr of the moment they first log; let that be
-# now (collection), not inside a test's capsys, whose stream is closed when the test ends (later tests would then
-# print "--- Logging error ---" tracebacks).
-_diffusers_logging.get_logger("diffusers")
-_transformers_logging.get_logger("transformers")
 
 SCHEDULES = ["base", "tuned", "linear", "lora:0.5"]
 
