@@ -200,11 +200,12 @@ def _sweep_images(tmp_path, monkeypatch, sdxl: bool, lora: Path) -> dict[str, to
     return {c[0]: c[3] for c in recorder.calls}
 
 
-def _reference(backbone, adapter=None) -> torch.Tensor:
+def _reference(backbone, adapter=None, decode: bool = True) -> torch.Tensor:
     from rdt_lib.denoisers import ModelBranch
 
-    return sample(ModelBranch(backbone, adapter, cfg_scale=2.0), ["a cat", "a cat"], seeds=[0, 1], sampler="ddim",
-                  scheduler="normal", num_steps=2, height=16, width=16).images
+    out = sample(ModelBranch(backbone, adapter, cfg_scale=2.0), ["a cat", "a cat"], seeds=[0, 1], sampler="ddim",
+                 scheduler="normal", num_steps=2, height=16, width=16, decode=decode)
+    return out.images if decode else out.latents
 
 
 def test_kohya_ldm_style_sdxl_lora_loads_and_samples(tmp_path, monkeypatch):
@@ -255,6 +256,21 @@ def test_peft_lora_folder_loads_and_samples(tmp_path, monkeypatch):
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     tuned_ref = _reference(reference, "default")  # the PEFT model's own adapter
     images = _sweep_images(tmp_path, monkeypatch, False, tmp_path / "adapter")
+    assert (tuned_ref - base_ref).abs().max() > 0.05
+    torch.testing.assert_close(images["base"], base_ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(images["tuned"], tuned_ref, atol=1e-4, rtol=0)
+
+
+def test_full_tuned_model_is_a_second_backbone(tmp_path, monkeypatch):
+    from rdt_lib.backbones.stable_diffusion import StableDiffusionBackbone
+    from sd_fixtures import save_tiny_sd_pipeline
+
+    other = save_tiny_sd_pipeline(tmp_path / "other_sd", seed=1)
+    images = _sweep_images(tmp_path, monkeypatch, False, other)
+    base = StableDiffusionBackbone.from_pretrained(tiny_sd_dir(False))
+    base_ref = _reference(base)
+    # the tuned network (and its text encoder) denoise; the base model's VAE decodes, as for every schedule
+    tuned_ref = base.decode(_reference(StableDiffusionBackbone.from_pretrained(other), decode=False))
     assert (tuned_ref - base_ref).abs().max() > 0.05
     torch.testing.assert_close(images["base"], base_ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(images["tuned"], tuned_ref, atol=1e-4, rtol=0)

@@ -71,8 +71,9 @@ class BaseModelSection(Section):
 
     path: str = S("", "diffusers directory, single-file checkpoint (.safetensors) or Hugging Face hub id")
     kind: str = S("auto", "architecture, or auto (detected from the weights)", names="model_kinds")
-    single_file_config: str = S("", "single-file checkpoints: a local diffusers directory of the same architecture "
-                                    "to take component configs and tokenizers from ('' = fetch them from the hub)")
+    single_file_config: str = S("", "single-file checkpoints (base, and a full tuned model): a local diffusers "
+                                    "directory of the same architecture to take component configs and tokenizers "
+                                    "from ('' = fetch them from the hub)")
     cfg_scale: Optional[float] = S(None, "classifier-free guidance scale of the base model (<= 1 = none); unset = "
                                          "the model's default (7.5 SD1.5, 5 SDXL)", ge=0)
 
@@ -81,7 +82,8 @@ class TunedModelSection(Section):
     """[tuned]: the reward-tuned model: a LoRA on the base model, or a full model."""
 
     path: str = S("", "LoRA file (.safetensors: kohya with diffusers- or LDM-style keys, PEFT, diffusers, rdt's own) "
-                      "or PEFT adapter folder; or a full model (diffusers directory, single file, hub id)")
+                      "or PEFT adapter folder; or a full model (diffusers directory, single file, hub id: its UNet "
+                      "and text encoders denoise, the base model's VAE decodes)")
     type: Literal["auto", "lora", "model"] = S(
         "auto", "what path holds: lora, model, or auto (a diffusers directory / model_index.json or a file with "
                 "UNet weights = model; other .safetensors files and adapter folders = lora)")

@@ -114,7 +114,8 @@ def load_models(config: EvalConfig, *, device: torch.device, dtype: torch.dtype,
             print(f"note: the LoRA's {len(loaded.skipped)} text-encoder weight(s) are not used (the base and tuned "
                   f"models share one text encoder here); only its UNet part is evaluated", flush=True)
         return SweepModels(base, base, True, base_id, tuned_id + "|lora")
-    tuned = load_backbone(t.path, kind=t.kind, dtype=dtype, device=device)
+    tuned = load_backbone(t.path, kind=t.kind, single_file_config=m.single_file_config or None, dtype=dtype,
+                          device=device)
     if tuple(tuned.latent_shape(16, 16)) != tuple(base.latent_shape(16, 16)):
         raise InputError(f"tuned model {t.path!r} has another latent format than the base model "
                          f"({tuned.latent_shape(16, 16)} vs {base.latent_shape(16, 16)} for a 16 px image); both "
