@@ -23,6 +23,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -36,7 +37,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["ConfigError", "S", "Section", "SettingSpec", "SettingsSchema", "parse_override", "not_one_of"]
+__all__ = ["ConfigError", "S", "Section", "SettingSpec", "SettingsSchema", "parse_override", "not_one_of",
+           "looks_local"]
 
 
 class ConfigError(ValueError):
@@ -129,6 +131,18 @@ def not_one_of(key: str, value: Any, accepted: Sequence[str], what: str = "{!r} 
     close = difflib.get_close_matches(str(value), list(accepted), n=1, cutoff=0.5)
     return (f"{key}: {what.format(value)} {', '.join(accepted)}"
             + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_local(value: str) -> bool:
+    """A path (rather than a hub id): exists, is absolute/relative-explicit, has >1 '/', or a file suffix."""
+    if Path(value).expanduser().exists() or value.startswith(("/", "./", "../", "~", "\\")):
+        return True
+    if re.match(r"^[A-Za-z]:[\\/]", value) or value.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        return True
+    return not _HF_ID.match(value)
 
 
 def parse_override(text: str) -> tuple[str, Any, str]:

@@ -14,8 +14,7 @@ from typing import Literal, Optional, Sequence
 
 from pydantic import Field
 
-from ..settings import ConfigError, S, Section, SettingsSchema, not_one_of
-from ..train.config import _looks_local
+from ..settings import ConfigError, S, Section, SettingsSchema, looks_local, not_one_of
 
 __all__ = ["ConfigError", "EvalConfig", "SCHEMA", "DEFAULT_SCHEDULES", "load_config", "format_help", "to_toml", "list_presets",
            "PRESET_DIR", "model_kinds", "reward_names", "sampler_names", "scheduler_names"]
@@ -248,15 +247,15 @@ def _cross_checks(c: EvalConfig, check_inputs: bool = True) -> list[str]:
         return errors
     if not c.model.path:
         err("model.path is empty: give a diffusers directory, a .safetensors checkpoint or a hub id")
-    elif _looks_local(c.model.path) and not Path(c.model.path).expanduser().exists():
+    elif looks_local(c.model.path) and not Path(c.model.path).expanduser().exists():
         err(f"model.path {c.model.path!r} does not exist")
     needs_tuned = any(n != "base" for n in names)
     if not c.tuned.path and needs_tuned:
         err("tuned.path is empty: give the reward-tuned LoRA file or model (or sweep only 'base')")
-    elif c.tuned.path and _looks_local(c.tuned.path) and not Path(c.tuned.path).expanduser().exists():
+    elif c.tuned.path and looks_local(c.tuned.path) and not Path(c.tuned.path).expanduser().exists():
         err(f"tuned.path {c.tuned.path!r} does not exist")
     for i, r in enumerate(c.rewards):
-        if r.path and _looks_local(r.path) and not Path(r.path).expanduser().exists():
+        if r.path and looks_local(r.path) and not Path(r.path).expanduser().exists():
             err(f"rewards.{i}.path {r.path!r} does not exist")
     if c.model.single_file_config and not Path(c.model.single_file_config).expanduser().is_dir():
         err(f"model.single_file_config {c.model.single_file_config!r} is not a directory")

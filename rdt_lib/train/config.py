@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import Field
 
-from ..settings import ConfigError, S, Section, SettingSpec, SettingsSchema, not_one_of, parse_override
+from ..settings import (ConfigError, S, Section, SettingSpec, SettingsSchema, looks_local, not_one_of,
+                        parse_override)
 
 __all__ = [
     "ConfigError", "OBJECTIVES", "PRESET_DIR", "SettingSpec", "TrainConfig", "RewardConfig", "SCHEMA",
@@ -236,16 +236,7 @@ _SYNONYMS = {
     "checkpoints_total_limit": "checkpoint.keep_last",
 }
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _looks_local(value: str) -> bool:
-    """A path (rather than a hub id): exists, is absolute/relative-explicit, has >1 '/', or a file suffix."""
-    if Path(value).expanduser().exists() or value.startswith(("/", "./", "../", "~", "\\")):
-        return True
-    if re.match(r"^[A-Za-z]:[\\/]", value) or value.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin")):
-        return True
-    return not _HF_ID.match(value)
+_looks_local = looks_local
 
 
 def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None = None,
