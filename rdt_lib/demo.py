@@ -301,7 +301,7 @@ def _markdown(results: list[dict], cfg: DemoConfig, training: dict, timing: dict
         "log10 eigenvalues). Front: on the Pareto front of (diversity, reward).",
         "",
     ]
-    return "\n".join(head) + _table(results)
+    return "\n".join(head) + "\n" + _table(results)
 
 
 def _scatter_figure(points: dict[str, torch.Tensor], results: list[dict], reward: ToyReward):
