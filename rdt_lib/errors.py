@@ -117,7 +117,7 @@ def as_user_error() -> Iterator[None]:
 #: ``"module:Class"``; ``"module:*"`` takes every exception class defined in that module except those listed
 #: in :data:`NOT_USER_ERRORS`. Resolved lazily, so importing this module imports nothing heavy.
 USER_ERROR_TYPES: list[str] = [
-    "rdt_lib.train.config:ConfigError",
+    "rdt_lib.settings:ConfigError",
     "rdt_lib.train.data:DataError",
     "rdt_lib.rewards.errors:*",
 ]

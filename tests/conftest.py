@@ -18,6 +18,15 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("RDT_TEST_THREADS", "1")))
 
+# diffusers and transformers bind their log handler to the sys.stderr of the moment they first log: let that be
+# now, not inside a test's capsys, whose stream is closed when that test ends (a later test's warning would then
+# print a "--- Logging error ---" traceback into the stderr it checks).
+from diffusers.utils import logging as _diffusers_logging  # noqa: E402
+from transformers.utils import logging as _transformers_logging  # noqa: E402
+
+_diffusers_logging.get_logger("diffusers")
+_transformers_logging.get_logger("transformers")
+
 import comfyui_server as cs  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative conftest import)
 
 pytest_plugins = ["pytester"]

@@ -17,9 +17,7 @@ the traceback), 3 stopped after too many NaN / inf steps, 130 interrupted (a che
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from ..errors import run_cli
@@ -55,14 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_cli_config(args: argparse.Namespace):
     """The validated :class:`TrainConfig` from parsed arguments (``--resume`` becomes ``run.resume``)."""
-    from .config import ConfigError, list_presets, load_config
+    from .config import SCHEMA, load_config
 
-    for item in args.config:  # neither a file nor a preset: list the presets (not just "file does not exist")
-        presets = list_presets()
-        if not Path(item).expanduser().exists() and not Path(item).suffix and item not in presets:
-            close = difflib.get_close_matches(item, presets, n=1, cutoff=0.5)
-            raise ConfigError(f"--config {item!r} is neither a config file nor a preset; presets: "
-                              f"{', '.join(presets)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    SCHEMA.check_config_args(args.config)  # neither a file nor a preset: list the presets, not "does not exist"
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"run.resume={args.resume}")
