@@ -245,7 +245,7 @@ def sample(
     sampler_name, scheduler_name = resolve_sampler(sampler, scheduler)
 
     bb = base_branch.backbone
-    ms = bb.model_sampling
+    ms = bb.model_sampling_for(height, width)  # Flux: the flow shift of this image size
     if sigmas is None:
         sigma_list = sigmas_for(scheduler_name, ms, num_steps, denoise, sampler=sampler_name)
     else:
