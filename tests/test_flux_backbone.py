@@ -139,3 +139,15 @@ def test_single_copy_lora_equals_a_merged_copy(model_dir):
     two = sample(two_base, PROMPTS, tuned=ModelBranch(two_tuned), schedule="linear", **kw).latents
     assert one.evaluations["joint"] > 0 and (one.latents - plain).abs().max() > 1e-2
     torch.testing.assert_close(one.latents, two, rtol=0, atol=1e-5 * max(1.0, float(two.abs().max())))
+
+
+def test_flow_scheduler_configs():
+    base = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+    assert model_sampling_from_config({**base, "shift": 3.0}).shift == 3.0
+    dynamic = {**base, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+               "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    assert model_sampling_from_config(dynamic, image_seq_len=256).shift == pytest.approx(float(torch.tensor(0.5).exp()))
+    # time_shift_type "linear": diffusers' mu / (mu + (1/t - 1)), the same curve with shift = mu
+    assert model_sampling_from_config({**dynamic, "time_shift_type": "linear"}, image_seq_len=256).shift == 0.5
+    with pytest.raises(ValueError, match="shift_terminal"):
+        model_sampling_from_config({**base, "shift_terminal": 0.02})

@@ -276,3 +276,13 @@ def test_single_file_without_t5_weights_needs_t5_false(tmp_path, model_dir):
     path = save_sd3_single_file(pipe, tmp_path / "sd3_no_t5.safetensors")
     with pytest.raises(InputError, match="no T5 text encoder weights.*t5=False"):
         load_backbone(path, single_file_config=model_dir)
+
+
+def test_importing_the_library_does_not_import_diffusers():
+    import subprocess
+    import sys
+
+    code = ("import sys, rdt_lib.backbones as b, rdt_lib.sampling; loaded = 'diffusers' in sys.modules; "
+            "print(loaded, b.StableDiffusion3Backbone.__name__, b.FluxBackbone.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "StableDiffusion3Backbone", "FluxBackbone"]
