@@ -85,7 +85,13 @@ def build(args, dtype: torch.dtype, lora: bool, rank: int = 32) -> TransformerOn
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    net = SD3Transformer2DModel(**TRANSFORMER_SIZES[args.size]).to(device=args.device, dtype=dtype).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype on the target device: no fp32 copy of 2.2B weights
+    try:
+        with torch.device(args.device):
+            net = SD3Transformer2DModel(**TRANSFORMER_SIZES[args.size]).eval()
+    finally:
+        torch.set_default_dtype(previous)
     if lora:
         add_lora(net, "tuned", rank=rank, target_modules=FLOW_LORA_TARGETS, init_lora_weights=False)
         net.to(device=args.device, dtype=dtype)
@@ -148,7 +154,7 @@ def memory_of(mode: str, args) -> float:
 
 
 MEMORY_MODES = ["single", "power:2", "two-copy power:2"]
-CHILD_ARGS = ("size", "device", "dtype", "batch", "steps", "height", "width", "t5_tokens")
+CHILD_ARGS = ("size", "device", "dtype", "batch", "steps", "height", "width", "t5_tokens", "threads")
 
 
 def main() -> None:
@@ -162,9 +168,12 @@ def main() -> None:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--t5-tokens", type=int, default=256, help="T5 tokens per prompt (diffusers' default 256)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-memory", action="store_true", help="time only")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.memory_child:  # one fresh process per memory measurement on CPU
         print(json.dumps({"bytes": memory_of(args.memory_child, args)}))

@@ -69,6 +69,11 @@ def perturbed_lora(network, seed=0, std=0.3):
 def test_loads_as_a_flow_model_with_the_schedulers_shift(model_dir, bb):
     assert "sd3" in MODEL_KINDS and "flux" in MODEL_KINDS
     assert detect_kind(model_dir) == "sd3"
+    # hub ids (not reachable here) are guessed from their names
+    assert detect_kind("stabilityai/stable-diffusion-3.5-medium") == "sd3"
+    assert detect_kind("black-forest-labs/FLUX.1-dev") == "flux"
+    assert detect_kind("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    assert detect_kind("runwayml/stable-diffusion-v1-5") == "sd15"
     assert isinstance(bb, StableDiffusion3Backbone)
     ms = bb.model_sampling
     assert isinstance(ms, FlowMatch) and ms.shift == 3.0

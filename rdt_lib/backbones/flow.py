@@ -70,7 +70,8 @@ class FlowMatchingBackbone(Backbone):
 
     Subclasses set :attr:`kind` and implement ``encode_prompts`` / ``forward_network``. Latents are the VAE's
     ``[B, 16, H / 8, W / 8]`` in model space (``(z - shift_factor) * scaling_factor``) for every flow model (Flux
-    packs them into 2x2 patches inside ``forward_network`` only).
+    packs them into 2x2 patches inside ``forward_network`` only). :attr:`lora_targets` names the modules a reward
+    LoRA goes on (``add_lora(bb.network, target_modules=bb.lora_targets)``).
     """
 
     kind: ClassVar[str] = ""
