@@ -114,9 +114,12 @@ def test_decode_equals_the_pipelines_image(model_dir, bb):
     assert images.shape == (2, 3, SIZE, SIZE)
     assert (images[0] - images[1]).abs().max() > 1e-2
     torch.testing.assert_close(images, ref, rtol=0, atol=1e-5)
-    # encode_images inverts the shift and scale: decoding the posterior mean's latent gives a similar image
-    z = bb.encode_images(images)
+    # encode_images: SD3's convention (z - 0.0609) * 1.5305 on a posterior sample (the VAE config's factors)
+    z = bb.encode_images(images, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        raw = bb.vae.encode(images * 2 - 1).latent_dist.sample(generator=torch.Generator().manual_seed(3))
     assert z.shape == latents.shape
+    torch.testing.assert_close(z, (raw - 0.0609) * 1.5305, rtol=0, atol=1e-5)
 
 
 def test_t5_is_optional(model_dir):
