@@ -221,10 +221,12 @@ def flow_shift_for_size(config: Mapping[str, Any], image_seq_len: int | None = N
     """
     if not config.get("use_dynamic_shifting"):
         return float(config.get("shift", 1.0))
-    base_len = float(config.get("base_image_seq_len", 256))
-    max_len = float(config.get("max_image_seq_len", 4096))
-    base_shift = float(config.get("base_shift", 0.5) if config.get("base_shift") is not None else 0.5)
-    max_shift = float(config.get("max_shift", 1.15) if config.get("max_shift") is not None else 1.15)
+    def value(key: str, default: float) -> float:  # diffusers' defaults where the config has no value (or None)
+        found = config.get(key)
+        return float(default if found is None else found)
+
+    base_len, max_len = value("base_image_seq_len", 256), value("max_image_seq_len", 4096)
+    base_shift, max_shift = value("base_shift", 0.5), value("max_shift", 1.15)
     seq = max_len if image_seq_len is None else float(image_seq_len)
     slope = (max_shift - base_shift) / (max_len - base_len)
     mu = seq * slope + (base_shift - slope * base_len)
