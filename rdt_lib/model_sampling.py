@@ -23,7 +23,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
-__all__ = ["DiscreteVP", "FlowMatch", "ModelSampling", "betas_for", "model_sampling_from_config"]
+__all__ = ["DiscreteVP", "FlowMatch", "ModelSampling", "betas_for", "flow_shift_for_size", "model_sampling_from_config"]
 
 PREDICTIONS_VP = ("eps", "v")
 _DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "eps": "eps", "v": "v"}
@@ -207,14 +207,52 @@ class FlowMatch(_SigmaTable):
 ModelSampling = Union[DiscreteVP, FlowMatch]
 
 
-def model_sampling_from_config(config: Mapping[str, Any]) -> ModelSampling:
-    """Model sampling from a diffusers scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``,
-    ``num_train_timesteps``, ``prediction_type``; a ``FlowMatch*`` ``_class_name`` or ``shift`` key = flow)."""
+def flow_shift_for_size(config: Mapping[str, Any], image_seq_len: int | None = None) -> float:
+    """The flow shift of a diffusers ``FlowMatch*`` scheduler config for an image of ``image_seq_len`` tokens.
+
+    Fixed shift (SD3: 3.0): ``config["shift"]``. Resolution-dependent shift (``use_dynamic_shifting``, Flux):
+    ``mu`` interpolated linearly in the token count between ``(base_image_seq_len, base_shift)`` and
+    ``(max_image_seq_len, max_shift)`` (diffusers' ``calculate_shift``), then ``shift = exp(mu)`` for
+    ``time_shift_type="exponential"`` (the default) or ``shift = mu`` for ``"linear"``: diffusers' time shift
+    ``exp(mu) / (exp(mu) + (1/t - 1))`` is the same function of ``t`` as ``shift * t / (1 + (shift - 1) * t)``.
+    ``image_seq_len`` ``None`` (size unknown) takes ``max_image_seq_len`` (1024x1024 for Flux: ``mu = max_shift``,
+    ComfyUI's default ``ModelSamplingFlux`` shift). The token count of Flux is ``(H / 16) * (W / 16)`` for an
+    ``H x W`` pixel image (8x VAE, 2x2 patches).
+    """
+    if not config.get("use_dynamic_shifting"):
+        return float(config.get("shift", 1.0))
+    base_len = float(config.get("base_image_seq_len", 256))
+    max_len = float(config.get("max_image_seq_len", 4096))
+    base_shift = float(config.get("base_shift", 0.5) if config.get("base_shift") is not None else 0.5)
+    max_shift = float(config.get("max_shift", 1.15) if config.get("max_shift") is not None else 1.15)
+    seq = max_len if image_seq_len is None else float(image_seq_len)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    mu = seq * slope + (base_shift - slope * base_len)
+    kind = str(config.get("time_shift_type", "exponential"))
+    if kind == "exponential":
+        return math.exp(mu)
+    if kind == "linear":
+        return mu
+    raise ValueError(f"unsupported time_shift_type {kind!r}; accepted: exponential, linear")
+
+
+def model_sampling_from_config(config: Mapping[str, Any], *, image_seq_len: int | None = None) -> ModelSampling:
+    """Model sampling from a diffusers scheduler config.
+
+    VP models: ``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps``, ``prediction_type``.
+    Flow models (a ``FlowMatch*`` ``_class_name``): :class:`FlowMatch` with the config's ``shift``, or, with
+    ``use_dynamic_shifting`` (Flux), the shift for ``image_seq_len`` image tokens (:func:`flow_shift_for_size`;
+    ``image_seq_len`` is ignored by fixed-shift and VP configs). The scheduler's options that only pick a sigma
+    list (``use_karras_sigmas`` ...) do not change the model sampling; ``shift_terminal`` and ``invert_sigmas``
+    (other time conventions) are refused.
+    """
     name = str(config.get("_class_name", ""))
     if name.startswith("FlowMatch"):
-        if config.get("use_dynamic_shifting"):
-            raise ValueError("flow schedulers with use_dynamic_shifting (resolution-dependent shift) are not supported")
-        return FlowMatch(shift=float(config.get("shift", 1.0)), num_timesteps=int(config.get("num_train_timesteps", 1000)))
+        for option in ("shift_terminal", "invert_sigmas"):
+            if config.get(option):
+                raise ValueError(f"flow scheduler configs with {option} are not supported")
+        return FlowMatch(shift=flow_shift_for_size(config, image_seq_len),
+                         num_timesteps=int(config.get("num_train_timesteps", 1000)))
     if config.get("rescale_betas_zero_snr"):
         raise ValueError("zero-terminal-SNR schedules (rescale_betas_zero_snr) are not supported")
     pred = str(config.get("prediction_type", "epsilon"))

@@ -280,7 +280,7 @@ def sample(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     bb = base_branch.backbone
-    ms = bb.model_sampling
+    ms = bb.model_sampling_for(height, width)  # Flux: the flow shift of this image size
     sampler_name, scheduler_name = resolve_sampler(sampler, scheduler, ms, stochastic=bool(eta))
     if sigmas is None:
         sigma_list = sigmas_for(scheduler_name, ms, num_steps, denoise, sampler=sampler_name)

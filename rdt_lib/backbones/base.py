@@ -61,7 +61,8 @@ class Backbone:
             available and every CFG scale must be 1).
         scheduler_config: the diffusers scheduler config the network was trained with (``num_train_timesteps``,
             ``beta_schedule``, ``prediction_type`` ...); :attr:`model_sampling` is built from it.
-        default_cfg: the usual classifier-free guidance scale for this family (7.5 SD1.5, 5 SDXL, 1 toy).
+        default_cfg: the usual classifier-free guidance scale for this family (7.5 SD1.5, 5 SDXL, 7 SD3, 1 toy
+            and guidance-distilled Flux).
     """
 
     network: torch.nn.Module
@@ -77,7 +78,8 @@ class Backbone:
 
     def forward_network(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One raw network call: ``x`` latents ``[B, ...]``, ``t`` timesteps ``[B]`` in training-timestep
-        units (0 .. num_train_timesteps-1, not a step index), ``cond`` with B rows."""
+        units (not a step index, not a sigma): 0 .. num_train_timesteps-1 for VP models, ``sigma * 1000`` (a float
+        in [0, 1000]) for flow models; ``cond`` with B rows."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,16 @@ class Backbone:
             cached = (key, model_sampling_from_config(self.scheduler_config))
             self.__dict__["_model_sampling"] = cached
         return cached[1]
+
+    def model_sampling_for(self, height: int | None = None, width: int | None = None) -> ModelSampling:
+        """The model sampling for an image of ``height`` x ``width`` pixels (``None`` = the backbone's default size).
+
+        The same as :attr:`model_sampling` except for models whose noise schedule depends on the image size (Flux's
+        resolution-dependent flow shift); sigma lists for a given size come from this. For flow models the shift
+        changes only which sigmas a schedule visits: the network input, its timestep (``sigma * 1000``) and the x0
+        from its output do not depend on it, so the denoisers use :attr:`model_sampling` throughout.
+        """
+        return self.model_sampling
 
     def predict(self, x: torch.Tensor, t: torch.Tensor | float | int, cond: Conditioning) -> torch.Tensor:
         """The raw network output (noise, velocity or flow) for network input ``x`` at timestep ``t``.

@@ -14,10 +14,11 @@ import torch
 
 from .base import Backbone
 
-__all__ = ["MODEL_KINDS", "load_backbone", "freeze"]
+__all__ = ["MODEL_KINDS", "detect_kind", "load_backbone", "freeze"]
 
-MODEL_KINDS: tuple[str, ...] = ("auto", "sd15", "sdxl")
-"""Accepted ``kind`` values (``auto`` = detected from the weights or the diffusers directory)."""
+MODEL_KINDS: tuple[str, ...] = ("auto", "sd15", "sdxl", "sd3", "flux")
+"""Accepted ``kind`` values (``auto`` = detected from the weights or the diffusers directory): ``sd15`` (SD1.x /
+2.x), ``sdxl``, ``sd3`` (SD3 / SD3.5, flow matching), ``flux`` (FLUX.1, flow matching, guidance-distilled)."""
 
 
 def freeze(backbone: Backbone) -> Backbone:
@@ -32,6 +33,27 @@ def freeze(backbone: Backbone) -> Backbone:
     return backbone
 
 
+def detect_kind(path: str | os.PathLike[str]) -> str:
+    """The model kind (one of :data:`MODEL_KINDS` but ``auto``) of a diffusers directory (``model_index.json``'s
+    ``_class_name`` / components), a single-file checkpoint (its keys) or a hub id (``sd3`` / ``flux`` when the id
+    names them, else as :func:`~rdt_lib.backbones.stable_diffusion.detect_sd_kind` guesses)."""
+    from .flow import detect_flow_kind
+    from .stable_diffusion import _checkpoint_keys, detect_sd_kind
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return detect_flow_kind(local) or detect_sd_kind(local)
+    if local.is_file():
+        keys = _checkpoint_keys(local)
+        return detect_flow_kind(keys) or detect_sd_kind(keys)
+    name = str(path).lower()
+    if "stable-diffusion-3" in name or "sd3" in name:
+        return "sd3"
+    if "flux" in name:
+        return "flux"
+    return detect_sd_kind(str(path))
+
+
 def load_backbone(
     path: str | os.PathLike[str],
     *,
@@ -39,6 +61,7 @@ def load_backbone(
     single_file_config: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    t5: bool = True,
 ) -> Backbone:
     """Load a text-to-image backbone, frozen (no gradients, eval mode).
 
@@ -49,17 +72,32 @@ def load_backbone(
         single_file_config: single files only: a local diffusers directory of the same architecture to take the
             component configs and tokenizers from (``None`` = fetch them from the hub).
         dtype, device: weights' dtype and device.
+        t5: ``sd3`` only: ``False`` loads no T5 text encoder (its prompt tokens are zeros, as diffusers samples
+            with ``text_encoder_3=None``; saves ~9 GB for SD3 / SD3.5).
     """
-    from .stable_diffusion import StableDiffusionBackbone, detect_sd_kind
+    from .stable_diffusion import StableDiffusionBackbone
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; accepted: {', '.join(MODEL_KINDS)}")
     local = Path(path).expanduser()
-    if local.is_file():
-        file_kind = detect_sd_kind(local) if kind == "auto" else kind
-        backbone = StableDiffusionBackbone.from_single_file(local, kind=file_kind, config=single_file_config or None,
+    source = str(local) if local.exists() else str(path)
+    if kind == "auto":
+        kind = detect_kind(path)
+    if not t5 and kind != "sd3":
+        raise ValueError(f"t5=False (no T5 text encoder) is accepted for kind 'sd3' only, got {kind!r}")
+    if kind in ("sd3", "flux"):
+        from .flux import FluxBackbone
+        from .sd3 import StableDiffusion3Backbone
+
+        cls = StableDiffusion3Backbone if kind == "sd3" else FluxBackbone
+        if local.is_file():
+            backbone: Backbone = cls.from_single_file(local, config=single_file_config or None, t5=t5, dtype=dtype,
+                                                      device=device)
+        else:
+            backbone = cls.from_pretrained(source, t5=t5, dtype=dtype, device=device)
+    elif local.is_file():
+        backbone = StableDiffusionBackbone.from_single_file(local, kind=kind, config=single_file_config or None,
                                                             dtype=dtype, device=device)
     else:
-        backbone = StableDiffusionBackbone.from_pretrained(str(local) if local.exists() else str(path), kind=kind,
-                                                           dtype=dtype, device=device)
+        backbone = StableDiffusionBackbone.from_pretrained(source, kind=kind, dtype=dtype, device=device)
     return freeze(backbone)

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InputError, MissingFileError, ModelLoadError, as_user_error, hub_unreachable, one_line
 from .base import Backbone, Conditioning
+from .vae import decode_latents, encode_images
 
 __all__ = ["StableDiffusionBackbone", "detect_sd_kind"]
 
@@ -193,24 +194,11 @@ class StableDiffusionBackbone(Backbone):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images ``[B, 3, H, W]`` in [0, 1] (differentiable; clamped)."""
-        vae = self.vae
-        z = latents
-        shift = getattr(vae.config, "shift_factor", None)
-        z = z / vae.config.scaling_factor + (shift if shift is not None else 0.0)
-        dtype = vae.dtype
-        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-            dtype = torch.float32
-        img = vae.decode(z.to(dtype), return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents)
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] -> latents (a sample of the VAE posterior)."""
-        vae = self.vae
-        dist = vae.encode((images * 2 - 1).to(device=vae.device, dtype=vae.dtype)).latent_dist
-        z = dist.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None)
-        return ((z - (shift if shift is not None else 0.0)) * vae.config.scaling_factor).to(self.dtype)
+        return encode_images(self.vae, images, generator, dtype=self.dtype)
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         default = int(self.network.config.sample_size) * self.vae_scale_factor
