@@ -19,8 +19,6 @@ from peft.tuners.lora import LoraLayer
 
 __all__ = [
     "DEFAULT_SD_TARGETS",
-    "DEFAULT_MMDIT_TARGETS",
-    "default_lora_targets",
     "add_lora",
     "lora_layers",
     "adapter_names",
@@ -32,22 +30,6 @@ BASE_ROW = "__base__"  # peft's label for rows that get no adapter in a mixed ba
 
 DEFAULT_SD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """The attention projections of a diffusers UNet, the usual reward-LoRA targets (SPEC.md section 2)."""
-
-DEFAULT_MMDIT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-"""The attention projections of a joint-attention transformer (diffusers' SD3 / Flux blocks): the image stream's
-``to_q/to_k/to_v/to_out.0`` (SD3.5-Medium's second attention ``attn2`` too) and the text stream's ``add_q_proj/
-add_k_proj/add_v_proj/to_add_out``. The text stream is included because in these models the prompt reaches the image
-only through the joint attention (there is no cross-attention): with image-stream projections alone, the LoRA could
-not change how the prompt tokens are projected. diffusers' SD3 DreamBooth-LoRA script uses the same eight by default,
-and ComfyUI maps all of them for SD3 (``comfy.utils.mmdit_to_diffusers``)."""
-
-
-def default_lora_targets(network: torch.nn.Module) -> tuple[str, ...]:
-    """The default LoRA targets of a denoiser: :data:`DEFAULT_MMDIT_TARGETS` when it has joint-attention text-stream
-    projections (``add_q_proj``: SD3 / Flux transformers), else :data:`DEFAULT_SD_TARGETS` (UNets)."""
-    if any(name.endswith(".add_q_proj") for name, _ in network.named_modules()):
-        return DEFAULT_MMDIT_TARGETS
-    return DEFAULT_SD_TARGETS
 
 
 def add_lora(

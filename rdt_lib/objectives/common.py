@@ -127,7 +127,9 @@ class ObjectiveRun:
         stochastic = obj.eta_range is not None or bool(obj.eta)
         self.sampler, scheduler = resolve_sampler(obj.sampler, obj.scheduler, self.model_sampling,
                                                   stochastic=stochastic)
-        self.sigmas = sigmas_for(scheduler, self.model_sampling, obj.num_steps, sampler=self.sampler)
+        # the sigma list of this image size (Flux's shift depends on it); the denoiser's x0 does not
+        self.sigmas = sigmas_for(scheduler, backbone.model_sampling_for(obj.height, obj.width), obj.num_steps,
+                                 sampler=self.sampler)
         if obj.eta_range is not None:
             self.eta: float | Callable[[int], float] | None = random_eta(*obj.eta_range, obj.num_steps,
                                                                          batch.generator("eta"))

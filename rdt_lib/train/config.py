@@ -96,8 +96,9 @@ class ModelConfig(Section):
 
     path: str = S("", "diffusers directory, single-file checkpoint (.safetensors, e.g. from ComfyUI "
                       "models/checkpoints) or Hugging Face hub id")
-    kind: Literal["auto", "sd15", "sdxl", "sd3"] = S("auto", "architecture: sd15, sdxl, sd3 (SD3 / SD3.5, "
-                                                           "rectified flow), or auto (detected from the weights)")
+    kind: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = S(
+        "auto", "architecture: sd15, sdxl, sd3 (SD3 / SD3.5, rectified flow), flux (FLUX.1, rectified flow, "
+        "guidance-distilled), or auto (detected from the weights)")
     resolution: int = S(0, "training image size in pixels (a multiple of 8; SD3: of 16); 0 = native (512 SD1.5, "
                            "1024 SDXL and SD3)", ge=0)
     single_file_config: str = S("", "single-file checkpoints: a local diffusers directory of the same architecture "

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..atomic_io import write_image_atomic, write_text_atomic
-from ..lora import add_lora, default_lora_targets
+from ..lora import DEFAULT_SD_TARGETS, add_lora
 from ..lora_io import kohya_metadata, lora_rank_alpha, network_lora_tensors, save_lora_safetensors
 from .checkpoint import (CheckpointManager, capture_rng_state, check_output_dir, estimate_checkpoint_bytes,
                          restore_rng_state)
@@ -144,10 +144,14 @@ def model_family(backbone: Any) -> str:
 
 
 def lora_targets(config: TrainConfig, backbone: Any) -> list[str]:
-    """``lora.target_modules``, or the network's default attention projections when it is empty
-    (:func:`rdt_lib.lora.default_lora_targets`: UNet ``to_q/to_k/to_v/to_out.0``; SD3 / Flux transformer also the
-    text stream's ``add_q_proj/add_k_proj/add_v_proj/to_add_out``)."""
-    return list(config.lora.target_modules) or list(default_lora_targets(backbone.network))
+    """``lora.target_modules``, or the backbone's default attention projections when it is empty: a UNet's
+    ``to_q/to_k/to_v/to_out.0`` (:data:`rdt_lib.lora.DEFAULT_SD_TARGETS`); an SD3 / Flux transformer's
+    ``lora_targets`` (:data:`rdt_lib.backbones.flow.FLOW_LORA_TARGETS`), which add the text stream's
+    ``add_q_proj/add_k_proj/add_v_proj/to_add_out``: in these joint-attention models the prompt reaches the image
+    only through the joint attention (no cross-attention), so image-stream projections alone could not change how
+    the prompt tokens are projected; diffusers' SD3 LoRA script trains the same eight, and ComfyUI maps all of them
+    (``comfy.utils.mmdit_to_diffusers``)."""
+    return list(config.lora.target_modules) or list(getattr(backbone, "lora_targets", None) or DEFAULT_SD_TARGETS)
 
 
 def build_objective(config: TrainConfig):
