@@ -444,3 +444,112 @@ def test_saved_keys_are_all_in_comfyuis_sd3_key_map_and_diffusers_accepts_them()
         product = tensors[f"{module}.lora_B.weight"] @ tensors[f"{module}.lora_A.weight"]
         assert layer.scaling["tuned"] == 3.0
         torch.testing.assert_close(product, update, rtol=1e-6, atol=1e-7)
+
+
+_COMFY_SD3_SCRIPT = r'''
+import json, logging, sys
+comfy_dir, work = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_dir)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+from safetensors.torch import load_file, save_file
+import comfy.lora, comfy.model_base, comfy.utils
+
+not_loaded = []
+class Catch(logging.Handler):
+    def emit(self, record):
+        if "lora key not loaded" in record.getMessage():
+            not_loaded.append(record.getMessage())
+logging.getLogger().addHandler(Catch())
+
+diffusers_sd = load_file(work + "/transformer.safetensors")
+lora = load_file(work + "/lora.safetensors")
+unet_config = json.load(open(work + "/unet_config.json"))
+# ComfyUI's MMDiT weights of the attention projections, fused as ComfyUI stores them (its own diffusers map)
+parts = {}
+for dkey, target in comfy.utils.mmdit_to_diffusers(unet_config, output_prefix="diffusion_model.").items():
+    if dkey not in diffusers_sd or ".attn" not in dkey or not dkey.endswith(".weight"):
+        continue
+    if isinstance(target, str):
+        parts.setdefault(target, []).append((0, diffusers_sd[dkey]))
+    elif target[1] is not None:
+        parts.setdefault(target[0], []).append((target[1][1], diffusers_sd[dkey]))
+base = {k: torch.cat([t for _, t in sorted(v, key=lambda p: p[0])]) for k, v in parts.items()}
+
+class ModelConfig:
+    pass
+
+class Model(comfy.model_base.SD3):  # what model_lora_keys_unet reads: the class, state_dict(), unet_config
+    def __init__(self):
+        pass
+    def state_dict(self):
+        return base
+Model.model_config = ModelConfig()
+Model.model_config.unet_config = unet_config
+
+key_map = comfy.lora.model_lora_keys_unet(Model(), {})
+patches = comfy.lora.load_lora(lora, key_map)
+grouped = {}
+for k, p in patches.items():
+    key, offset = (k, None) if isinstance(k, str) else (k[0], k[1])
+    grouped.setdefault(key, []).append((1.0, p, 1.0, offset, None))
+patched = {k: comfy.lora.calculate_weight(v, base[k].clone().float(), k) for k, v in grouped.items()}
+save_file(patched, work + "/patched.safetensors")
+save_file({k: v.contiguous() for k, v in base.items()}, work + "/base.safetensors")
+json.dump({"not_loaded": not_loaded, "patched_keys": len(patches)}, open(work + "/result.json", "w"))
+'''
+
+
+@pytest.mark.comfyui
+def test_real_comfyui_maps_and_applies_every_saved_key(tmp_path):
+    """ComfyUI's own code (``model_lora_keys_unet`` for an SD3 model, ``load_lora``, ``calculate_weight``) on the
+    written file, in ComfyUI's Python: every key is loaded and each fused weight moves by the adapter's update."""
+    import json
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+
+    comfy_dir, comfy_python = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_PYTHON")
+    if not comfy_dir or not comfy_python:
+        pytest.skip("needs a ComfyUI tree: eval \"$(bash scripts/comfyui_host.sh)\" (COMFYUI_DIR, COMFYUI_PYTHON)")
+    depth = 2  # ComfyUI's SD3 layout: hidden size = 64 * depth (heads of 64), qkv fused
+    network = make_tiny_sd3_transformer(seed=2, num_layers=depth, attention_head_dim=64, num_attention_heads=depth,
+                                        caption_projection_dim=64 * depth, dual_attention_layers=(0,))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(network, "tuned", rank=2, alpha=6.0, target_modules=FLOW_LORA_TARGETS, init_lora_weights=False)
+    save_file(transformer_lora_to_diffusers(network, "tuned"), str(tmp_path / "lora.safetensors"))
+    plain = {k.replace(".base_layer", ""): v.detach().contiguous() for k, v in network.state_dict().items()
+             if "lora_" not in k}
+    save_file(plain, str(tmp_path / "transformer.safetensors"))
+    (tmp_path / "unet_config.json").write_text(json.dumps({"depth": depth}))
+    (tmp_path / "check.py").write_text(_COMFY_SD3_SCRIPT)
+    run = subprocess.run([comfy_python, str(tmp_path / "check.py"), comfy_dir, str(tmp_path)], cwd=comfy_dir,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["not_loaded"] == []
+    layers = {name: m for name, m in network.named_modules() if hasattr(m, "lora_A")}
+    assert result["patched_keys"] == len(layers)  # every LoRA'd module became one ComfyUI patch
+
+    def delta(name):
+        return layers[name].get_delta_weight("tuned").detach()
+
+    expected = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"diffusion_model.joint_blocks.{i}"
+        expected[f"{dst}.x_block.attn.qkv.weight"] = torch.cat([delta(f"{src}.attn.to_{p}") for p in "qkv"])
+        expected[f"{dst}.x_block.attn.proj.weight"] = delta(f"{src}.attn.to_out.0")
+        expected[f"{dst}.context_block.attn.qkv.weight"] = torch.cat([delta(f"{src}.attn.add_{p}_proj") for p in "qkv"])
+        if f"{src}.attn.to_add_out" in layers:  # the last block is context-only
+            expected[f"{dst}.context_block.attn.proj.weight"] = delta(f"{src}.attn.to_add_out")
+        if f"{src}.attn2.to_q" in layers:
+            expected[f"{dst}.x_block.attn2.qkv.weight"] = torch.cat([delta(f"{src}.attn2.to_{p}") for p in "qkv"])
+            expected[f"{dst}.x_block.attn2.proj.weight"] = delta(f"{src}.attn2.to_out.0")
+    patched, base = load_file(str(tmp_path / "patched.safetensors")), load_file(str(tmp_path / "base.safetensors"))
+    assert set(patched) == set(expected)
+    for key, update in expected.items():
+        assert float(update.abs().max()) > 1e-3
+        torch.testing.assert_close(patched[key] - base[key], update, atol=1e-5, rtol=0, msg=key)
