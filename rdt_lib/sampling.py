@@ -61,7 +61,8 @@ sigma lists (normal, karras, exponential, sgm_uniform, simple, ddim_uniform, bet
 :data:`LEGACY_SCHEDULER_NAMES`."""
 
 
-def family_sampler(model_sampling: ModelSampling, *, stochastic: bool = False) -> tuple[str, str]:
+def family_sampler(model_sampling: ModelSampling, *, stochastic: bool = False, kind: str | None = None
+                   ) -> tuple[str, str]:
     """``(sampler, scheduler)`` of the model family's default trajectory (``scheduler="auto"``).
 
     - VP models (SD1.5 / SDXL, eps or v): ``ddim`` on ``ddim_uniform``, DDIM on its uniform timesteps as DRaFT and
@@ -74,16 +75,18 @@ def family_sampler(model_sampling: ModelSampling, *, stochastic: bool = False) -
       ComfyUI's rectified-flow ancestral step (``sample_euler_ancestral_RF``): at eta 0 exactly the Euler step,
       at eta > 0 it steps to a lower sigma and re-noises to ``sigma_next`` with fresh noise -- the flow
       counterpart of DDIM's eta (which in sigma space is the same Euler-ancestral step on a VP model).
+    - Flux (``kind="flux"``, a backbone's ``kind``): the same steps on ``simple``, the list ``FluxPipeline`` passes
+      (``linspace(1, 1/N, N)`` shifted, then 0; see :mod:`rdt_lib.backbones.flux`).
     """
     if getattr(model_sampling, "is_flow", False):
-        return ("euler_ancestral" if stochastic else "euler"), "normal"
+        return ("euler_ancestral" if stochastic else "euler"), ("simple" if kind == "flux" else "normal")
     return "ddim", "ddim_uniform"
 
 
 def resolve_sampler(sampler: str | None, scheduler: str, model_sampling: ModelSampling | None = None, *,
-                    stochastic: bool = False) -> tuple[str, str]:
+                    stochastic: bool = False, kind: str | None = None) -> tuple[str, str]:
     """``(sampler, scheduler)`` from the arguments: a legacy combined ``scheduler`` name sets both (an explicit
-    ``sampler`` then wins); ``auto`` takes the model family's (:func:`family_sampler` of ``model_sampling``;
+    ``sampler`` then wins); ``auto`` takes the model family's (:func:`family_sampler` of ``model_sampling`` and ``kind``;
     without one only the name is checked and ``("ddim", "auto")`` returned); otherwise ``sampler`` (default
     ``ddim``) and the sigma list ``scheduler``."""
     key = scheduler.lower()
@@ -92,7 +95,7 @@ def resolve_sampler(sampler: str | None, scheduler: str, model_sampling: ModelSa
             if sampler is not None and sampler.lower() not in SAMPLER_NAMES:
                 raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
             return (sampler or "ddim").lower(), AUTO
-        family, sigma_list = family_sampler(model_sampling, stochastic=stochastic)
+        family, sigma_list = family_sampler(model_sampling, stochastic=stochastic, kind=kind)
         name = (sampler or family).lower()
         if name not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
@@ -281,7 +284,8 @@ def sample(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     bb = base_branch.backbone
     ms = bb.model_sampling_for(height, width)  # Flux: the flow shift of this image size
-    sampler_name, scheduler_name = resolve_sampler(sampler, scheduler, ms, stochastic=bool(eta))
+    sampler_name, scheduler_name = resolve_sampler(sampler, scheduler, ms, stochastic=bool(eta),
+                                                   kind=getattr(bb, "kind", None))
     if sigmas is None:
         sigma_list = sigmas_for(scheduler_name, ms, num_steps, denoise, sampler=sampler_name)
     else:

@@ -553,3 +553,66 @@ def test_real_comfyui_maps_and_applies_every_saved_key(tmp_path):
     for key, update in expected.items():
         assert float(update.abs().max()) > 1e-3
         torch.testing.assert_close(patched[key] - base[key], update, atol=1e-5, rtol=0, msg=key)
+
+
+# ---- Flux (guidance-distilled; the same code) ------------------------------------------------------------------
+
+
+def test_flux_trains_on_fluxpipelines_sigmas_and_its_lora_loads_in_diffusers(tmp_path):
+    import numpy as np
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from flow_fixtures import make_tiny_flux_pipeline
+    from rdt_lib.backbones.flux import FluxBackbone
+
+    def flux_backbone():
+        bb = FluxBackbone.from_pipeline(make_tiny_flux_pipeline(tmp_path / "tok"))
+        bb.max_sequence_length = T5_TOKENS
+        return bb
+
+    bb = flux_backbone()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(bb.network, "tuned", rank=2, alpha=4.0, init_lora_weights="gaussian", target_modules=FLOW_LORA_TARGETS)
+    objective = DraftK(num_steps=4, k=1, cfg_scale=1.0, height=SIZE, width=SIZE)  # "simple" = FluxPipeline's
+    batch = Batch(PROMPTS[:2], [11, 12], batch_seed=5)                              # when N divides 1000
+    run = objective.start(bb, batch)
+    sch = copy.deepcopy(bb.pipe.scheduler)  # FluxPipeline's sigmas: linspace(1, 1/N, N), shifted for the image size
+    c = sch.config
+    tokens = (SIZE // bb.vae_scale_factor // 2) ** 2
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=calculate_shift(
+        tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift))
+    assert run.sampler == "euler"
+    torch.testing.assert_close(run.sigmas, sch.sigmas.float(), rtol=0, atol=1e-6)
+
+    reward = tiny_reward("imagereward")
+    trainer = RewardTrainer(bb, objective, reward, PROMPTS, settings=TrainerSettings(lr=3e-2, batch_size=2,
+                                                                                     grad_clip=0))
+    trainer.next_batches = lambda: [batch]
+    with torch.no_grad():
+        r0 = objective(bb, reward, batch).rewards.mean().item()
+    _quiet(trainer.train, 3)
+    with torch.no_grad():
+        r1 = objective(bb, reward, batch).rewards.mean().item()
+    assert r1 > r0 + 1e-3, f"reward {r0:.5f} -> {r1:.5f}"
+
+    path = tmp_path / "flux_lora.safetensors"
+    from rdt_lib.lora_io import save_lora
+
+    save_lora(bb.network, path, "tuned")
+    other = flux_backbone()
+    pipe = other.pipe
+    assert isinstance(pipe, FluxPipeline)
+    pipe.load_lora_weights(str(path), adapter_name="rdt")
+    cond = bb.encode_prompts(["a cat", "the dog"])
+    x = torch.randn((2, *bb.latent_shape(SIZE, SIZE)), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700.0, 250.0])
+    with torch.no_grad(), use_adapters(bb.network, "tuned"):
+        ours = bb.forward_network(x, t, cond)
+    with torch.no_grad(), use_adapters(bb.network, None):
+        base = bb.forward_network(x, t, cond)
+    with torch.no_grad():
+        theirs = other.forward_network(x, t, cond)
+    assert float((ours - base).abs().max()) > 100 * 1e-5
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)

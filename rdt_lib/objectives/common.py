@@ -126,7 +126,7 @@ class ObjectiveRun:
         self.denoiser = KLToBase(self.guided, base)
         stochastic = obj.eta_range is not None or bool(obj.eta)
         self.sampler, scheduler = resolve_sampler(obj.sampler, obj.scheduler, self.model_sampling,
-                                                  stochastic=stochastic)
+                                                  stochastic=stochastic, kind=getattr(backbone, "kind", None))
         # the sigma list of this image size (Flux's shift depends on it); the denoiser's x0 does not
         self.sigmas = sigmas_for(scheduler, backbone.model_sampling_for(obj.height, obj.width), obj.num_steps,
                                  sampler=self.sampler)
