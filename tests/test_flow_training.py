@@ -17,13 +17,15 @@ from rdt_lib.backbones.flow import FLOW_LORA_TARGETS
 from rdt_lib.backbones.loading import load_backbone
 from rdt_lib.lora import add_lora, lora_layers, lora_parameters, use_adapters
 from rdt_lib.lora_io import load_lora, load_lora_safetensors, transformer_lora_to_diffusers
-from rdt_lib.objectives import Batch, DraftK, ReFL
+from rdt_lib.objectives import Batch, DraftK, ImageReFL, ReFL
+from rdt_lib.rng import rng_stream
+from rdt_lib.train.data import ImageCaptionFolder
 from rdt_lib.sampling import initial_noise
 from rdt_lib.train.checkpoint import CheckpointManager
 from rdt_lib.train.config import load_config
-from rdt_lib.train.run import build_run, train_from_config
+from rdt_lib.train.run import build_run, train_from_config, validation_grid
 from rdt_lib.train.trainer import RewardTrainer, TrainerSettings
-from train_fixtures import PROMPTS, tiny_reward, tiny_reward_dir
+from train_fixtures import PROMPTS, tiny_reward, tiny_reward_dir, write_image_folder
 
 SIZE = 32  # pixels: 16 x 16 latents (tiny VAE: 2x), 64 image tokens
 CFG = 2.0
@@ -138,6 +140,8 @@ CASES = {
     "draft+ (kl on velocity)": (lambda: DraftK(num_steps=3, k=1, cfg_scale=CFG, kl_coeff=1.0, height=SIZE,
                                                width=SIZE), {}),
     "refl": (lambda: ReFL(num_steps=4, stop_range=(1, 2), cfg_scale=CFG, height=SIZE, width=SIZE), {}),
+    "imagerefl (flow noising, velocity target)": (
+        lambda: ImageReFL(num_steps=4, stop_range=(2, 3), start_step=1, cfg_scale=CFG, loss_scale=1.0), {}),
     "r0+ (all steps, random eta, l2, intermediate)": (
         lambda: DraftK(num_steps=3, k=None, cfg_scale=CFG, eta_range=(0.0, 1.0), intermediate_weight=1.0,
                        height=SIZE, width=SIZE), {"l2_init_coeff": 1e-4}),
@@ -145,12 +149,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_flow_training_raises_the_reward(sd3_dir, case):
+def test_flow_training_raises_the_reward(sd3_dir, case, tmp_path):
     make_obj, extra = CASES[case]
     objective = make_obj()
     bb = sd3_backbone(sd3_dir)
     reward = tiny_reward("imagereward")
-    batch = Batch(PROMPTS[:2], [11, 12], batch_seed=5)
+    images = None
+    if "imagerefl" in case:
+        images = ImageCaptionFolder(write_image_folder(tmp_path / "imgs"), SIZE).get([0, 1])[1]
+    batch = Batch(PROMPTS[:2], [11, 12], batch_seed=5, images=images)
     trainer = RewardTrainer(bb, objective, reward, PROMPTS,
                             settings=TrainerSettings(lr=3e-2, batch_size=2, grad_clip=0, **extra))
     trainer.next_batches = lambda: [batch]  # one fixed batch: its reward must go up
@@ -166,6 +173,16 @@ def test_flow_training_raises_the_reward(sd3_dir, case):
         assert out.metrics["kl"] > 0
     if "intermediate" in case:
         assert "intermediate_step" in history[0] and history[-1]["l2_init"] > 0
+    if "imagerefl" in case:  # the diffusion loss: velocity target noise - x0 on (1 - sigma) x0 + sigma noise
+        run = objective.start(bb, batch)
+        sigma = run.sigma(objective.start_step)
+        with torch.no_grad():
+            z0 = torch.cat([bb.encode_images(images[i:i + 1], generator=rng_stream(seed, "vae_posterior"))
+                            for i, seed in enumerate(batch.seeds)]).float()
+            noise = initial_noise(tuple(z0.shape[1:]), batch.seeds)[0]
+            with use_adapters(bb.network, "tuned"):
+                v = bb.predict((1 - sigma) * z0 + sigma * noise, sigma * 1000, run.guided.cond)
+        assert out.metrics["diffusion_mse"] == pytest.approx(float(((v - (noise - z0)) ** 2).mean()), rel=1e-4)
 
 
 # ---- R0+: the intermediate step gets the gradient, the steps before it do not -----------------------------------
@@ -277,6 +294,8 @@ def test_r0_preset_raises_its_rewards_with_its_regularisers(sd3_dir, tmp_path):
     assert {"grad_norm/hpsv2.1", "grad_norm/imagereward", "grad_norm/clipscore"} <= set(history[0])
     assert history[-1]["l2_init"] > 0
     assert r1 > r0 + 1e-3, f"reward {r0:.5f} -> {r1:.5f}"
+    grid = validation_grid(bb, config, PROMPTS[:2])  # the trainer's validation images: the flow family's sampler
+    assert grid.shape == (3, 2 * SIZE, len(config.validation.seeds) * SIZE) and 0 <= float(grid.min())
 
 
 # ---- resume and the saved LoRA -----------------------------------------------------------------------------------
