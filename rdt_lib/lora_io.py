@@ -508,7 +508,8 @@ def _load_transformer_lora(transformer: torch.nn.Module, source: Any, adapter_na
         raise ValueError(f"the LoRA has {len(te_keys)} text-encoder weight(s) (e.g. {te_keys[0]!r}); text-encoder "
                          "LoRAs of flow models are not loaded here: pass text_encoders=False to load the "
                          "transformer part only")
-    tensors = {k: v for k, v in tensors.items() if k not in set(te_keys)}
+    skip = set(te_keys)
+    tensors = {k: v for k, v in tensors.items() if k not in skip}
     if tensors and all(k.startswith(KOHYA_TRANSFORMER_PREFIX) for k in tensors):
         file_format, metadata = "kohya", None
         tensors = _kohya_transformer_to_peft(tensors, transformer)
