@@ -248,6 +248,11 @@ def sample(
         sampler: the step rule, one of :data:`SAMPLERS` (default ``ddim``, which at eta 0 is an Euler step).
         scheduler: the sigma list, one of :data:`SCHEDULERS` (default ``normal``); a legacy combined name
             (``dpmpp_2m_karras`` ...) also sets the sampler; ``auto`` the model family's (:func:`family_sampler`).
+            Flow models: ``normal`` is the list diffusers'
+            ``StableDiffusion3Pipeline`` samples (``FlowMatchEulerDiscreteScheduler`` with the model's shift),
+            ``simple`` is ``FluxPipeline``'s (``linspace(1, 1/N, N)`` shifted; exactly when N divides 1000); both
+            with the ``euler`` sampler (or ``ddim`` at eta 0). Sigma lists of Flux use the shift of
+            ``height`` x ``width`` (:meth:`~rdt_lib.backbones.base.Backbone.model_sampling_for`).
         num_steps: sampling steps.
         denoise: ComfyUI's KSampler ``denoise`` in (0, 1]: the last ``num_steps`` steps of a longer list.
         sigmas: an explicit sigma list (noisiest first, ``num_steps + 1`` entries); overrides ``scheduler``,

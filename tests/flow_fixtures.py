@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
-from sd_fixtures import _load_tokenizer, _make_text_encoder, write_tiny_clip_tokenizer_files
+from sd_fixtures import MAX_TOKENS, VOCAB_SIZE, _load_tokenizer, _make_text_encoder, write_tiny_clip_tokenizer_files
 
 LATENT_CHANNELS = 16
-T5_DIM = 64  # = 2 x CLIP hidden (32): SD3 pads the CLIP states to T5's width
+CLIP_L, CLIP_G = 32, 48  # text widths (= projection sizes) of the two CLIPs; they differ as 768 / 1280 do, which is
+# how diffusers' single-file loader tells text_encoders.clip_l from clip_g
+T5_DIM = 96  # >= CLIP_L + CLIP_G: SD3 zero-pads the side-by-side CLIP states to T5's width
 T5_TOKENS = 16  # max_sequence_length used by the tests
-POOLED = 64  # two CLIP projections of 32
+POOLED = CLIP_L + CLIP_G  # both CLIPs' pooled projections side by side
 
 
 def make_t5_tokenizer():
@@ -46,6 +48,20 @@ def make_t5_encoder(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
+    return model.eval()
+
+
+def make_clip_with_projection(hidden: int, seed: int):
+    """A tiny ``CLIPTextModelWithProjection`` of width ``hidden`` (projection ``hidden`` too, as SD3's CLIPs)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=hidden, intermediate_size=37,
+                            layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
+                            vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_TOKENS, projection_dim=hidden,
+                            hidden_act="gelu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModelWithProjection(config)
     return model.eval()
 
 
@@ -82,12 +98,15 @@ def make_tiny_sd3_components(tmpdir: str | Path | None = None, seed: int = 0, t5
 
     base = Path(tmpdir) if tmpdir is not None else Path(tempfile.mkdtemp(prefix="rdt_tiny_sd3_"))
     tok_dir = write_tiny_clip_tokenizer_files(base / "tiny_clip_tokenizer")
+    clip_l = make_clip_with_projection(CLIP_L, seed + 2)
+    with torch.no_grad():  # SD3's CLIP-L projection is the identity (diffusers' single-file loader assumes so)
+        clip_l.text_projection.weight.copy_(torch.eye(CLIP_L))
     return {
         "transformer": make_tiny_sd3_transformer(seed),
         "vae": make_flow_vae(seed + 1),
-        "text_encoder": _make_text_encoder(with_projection=True, seed=seed + 2),
+        "text_encoder": clip_l,
         "tokenizer": _load_tokenizer(tok_dir),
-        "text_encoder_2": _make_text_encoder(with_projection=True, seed=seed + 3),
+        "text_encoder_2": make_clip_with_projection(CLIP_G, seed + 3),
         "tokenizer_2": _load_tokenizer(tok_dir),
         "text_encoder_3": make_t5_encoder(seed + 4) if t5 else None,
         "tokenizer_3": make_t5_tokenizer() if t5 else None,
@@ -131,3 +150,75 @@ def save_pipeline(pipe: Any, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+# ---- SD3 single-file checkpoints (ComfyUI / Stability layout) --------------------------------------------------
+# The inverse of diffusers' convert_sd3_transformer_checkpoint_to_diffusers, written from the MMDiT layout of
+# Stability's reference code: joint_blocks.i.{x_block, context_block}.{attn.qkv, attn.proj, adaLN_modulation.1,
+# mlp.fc1, mlp.fc2}; the last block's context stream is "pre-only" (no attn.proj / mlp, a 2-way modulation stored
+# as (shift, scale) where diffusers stores (scale, shift), as in final_layer.adaLN_modulation).
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def sd3_transformer_to_original(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """diffusers ``SD3Transformer2DModel`` keys -> the original MMDiT keys (without ``model.diffusion_model.``)."""
+    sd = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    simple = {
+        "pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+        "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+        "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+    }
+    for src, dst in simple.items():
+        for key in [k for k in sd if k == src or k.startswith(src + ".")]:
+            out[dst + key[len(src):]] = sd.pop(key)
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(sd.pop(f"norm_out.linear.{kind}"))
+    for i in range(num_layers):
+        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == num_layers - 1
+        for kind in ("weight", "bias"):
+            out[f"{o}x_block.attn.qkv.{kind}"] = torch.cat([sd.pop(f"{d}attn.to_{p}.{kind}") for p in "qkv"])
+            out[f"{o}context_block.attn.qkv.{kind}"] = torch.cat([sd.pop(f"{d}attn.add_{p}_proj.{kind}") for p in "qkv"])
+            out[f"{o}x_block.attn.proj.{kind}"] = sd.pop(f"{d}attn.to_out.0.{kind}")
+            out[f"{o}x_block.adaLN_modulation.1.{kind}"] = sd.pop(f"{d}norm1.linear.{kind}")
+            context_mod = sd.pop(f"{d}norm1_context.linear.{kind}")
+            out[f"{o}context_block.adaLN_modulation.1.{kind}"] = _swap_halves(context_mod) if last else context_mod
+            out[f"{o}x_block.mlp.fc1.{kind}"] = sd.pop(f"{d}ff.net.0.proj.{kind}")
+            out[f"{o}x_block.mlp.fc2.{kind}"] = sd.pop(f"{d}ff.net.2.{kind}")
+            if not last:
+                out[f"{o}context_block.attn.proj.{kind}"] = sd.pop(f"{d}attn.to_add_out.{kind}")
+                out[f"{o}context_block.mlp.fc1.{kind}"] = sd.pop(f"{d}ff_context.net.0.proj.{kind}")
+                out[f"{o}context_block.mlp.fc2.{kind}"] = sd.pop(f"{d}ff_context.net.2.{kind}")
+    if sd:
+        raise KeyError(f"no original SD3 name for {sorted(sd)}")
+    return out
+
+
+def save_sd3_single_file(pipe: Any, path: str | Path) -> Path:
+    """Write ``pipe`` (a ``StableDiffusion3Pipeline``) as one ``.safetensors`` in the layout of Stability's SD3
+    files (``model.diffusion_model.*``, ``first_stage_model.*``, ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*``;
+    no T5 keys when the pipeline has none)."""
+    from safetensors.torch import save_file
+
+    from ldm_checkpoint import VAE_PREFIX, _text_model_keys, vae_to_ldm
+
+    net = pipe.transformer
+    sd = {"model.diffusion_model." + k: v for k, v in
+          sd3_transformer_to_original(net.state_dict(), net.config.num_layers).items()}
+    sd.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items()})
+    for name, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+        sd.update({f"text_encoders.{name}.transformer.{k}": v
+                   for k, v in _text_model_keys(encoder.state_dict()).items() if "position_ids" not in k})
+    if pipe.text_encoder_3 is not None:
+        sd.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in pipe.text_encoder_3.state_dict().items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path))
+    return path

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from flow_fixtures import T5_TOKENS, make_tiny_sd3_pipeline, save_pipeline
+from flow_fixtures import T5_DIM, T5_TOKENS, make_tiny_sd3_pipeline, save_pipeline
 from rdt_lib.backbones.flow import FLOW_LORA_TARGETS
 from rdt_lib.backbones.loading import MODEL_KINDS, detect_kind, load_backbone
 from rdt_lib.backbones.sd3 import StableDiffusion3Backbone
@@ -119,7 +119,7 @@ def test_t5_is_optional(model_dir):
     assert no_t5.pipe.text_encoder_3 is None and not no_t5.has_t5
     cond = no_t5.encode_prompts(PROMPTS)
     emb = cond.tensors["encoder_hidden_states"]
-    assert emb.shape == (2, 77 + T5_TOKENS, 64)
+    assert emb.shape == (2, 77 + T5_TOKENS, T5_DIM)
     assert torch.count_nonzero(emb[:, 77:]) == 0  # T5's tokens are zeros without T5, as diffusers does
     noise = _noise(no_t5)
     ours = sample(no_t5, PROMPTS, sampler="euler", num_steps=3, latents=noise, height=SIZE, width=SIZE,
@@ -246,3 +246,43 @@ def test_bad_inputs_are_clear_errors(tmp_path, model_dir):
     save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(tmp_path / "lora.safetensors"))
     with pytest.raises(InputError, match="not an SD3 / Flux checkpoint"):
         StableDiffusion3Backbone.from_single_file(tmp_path / "lora.safetensors", config=model_dir)
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_single_file_checkpoint_loads_offline_with_a_local_config(tmp_path, model_dir, t5):
+    from flow_fixtures import save_sd3_single_file
+
+    pipe = _reference_pipe(model_dir, **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
+    path = save_sd3_single_file(pipe, tmp_path / "sd3_tiny.safetensors")
+    assert detect_kind(path) == "sd3"
+    bb = load_backbone(path, single_file_config=model_dir, t5=t5)
+    assert isinstance(bb, StableDiffusion3Backbone) and bb.has_t5 == t5
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2") + (("text_encoder_3",) if t5 else ()):
+        ours, ref = getattr(bb.pipe, name).state_dict(), getattr(pipe, name).state_dict()
+        assert ours.keys() == ref.keys(), name
+        assert all(torch.equal(ours[k], ref[k]) for k in ref), name
+    bb.max_sequence_length = T5_TOKENS
+    from_dir = _load(model_dir, t5=t5)
+    kw = dict(sampler="euler", num_steps=2, latents=_noise(bb), height=SIZE, width=SIZE, decode=False)
+    torch.testing.assert_close(sample(bb, PROMPTS, **kw).latents, sample(from_dir, PROMPTS, **kw).latents,
+                               rtol=0, atol=0)
+
+
+def test_single_file_without_t5_weights_needs_t5_false(tmp_path, model_dir):
+    from flow_fixtures import save_sd3_single_file
+    from rdt_lib.errors import InputError
+
+    pipe = _reference_pipe(model_dir, text_encoder_3=None, tokenizer_3=None)
+    path = save_sd3_single_file(pipe, tmp_path / "sd3_no_t5.safetensors")
+    with pytest.raises(InputError, match="no T5 text encoder weights.*t5=False"):
+        load_backbone(path, single_file_config=model_dir)
+
+
+def test_importing_the_library_does_not_import_diffusers():
+    import subprocess
+    import sys
+
+    code = ("import sys, rdt_lib.backbones as b, rdt_lib.sampling; loaded = 'diffusers' in sys.modules; "
+            "print(loaded, b.StableDiffusion3Backbone.__name__, b.FluxBackbone.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "StableDiffusion3Backbone", "FluxBackbone"]

@@ -164,10 +164,14 @@ class FlowMatchingBackbone(Backbone):
             from .stable_diffusion import _checkpoint_keys
 
             with as_user_error():
-                found = detect_flow_kind(_checkpoint_keys(p))
+                keys = _checkpoint_keys(p)
+            found = detect_flow_kind(keys)
             if found != cls.kind:
                 what = f"a {found} checkpoint" if found else "not an SD3 / Flux checkpoint"
                 raise InputError(f"{str(p)!r} is {what}, but kind={cls.kind!r} was given")
+            if cls.kind == "sd3" and t5 and not any(k.startswith("text_encoders.t5xxl.") for k in keys):
+                raise InputError(f"{str(p)!r} has no T5 text encoder weights (text_encoders.t5xxl.*): load it with "
+                                 "t5=False to sample without T5, or use a checkpoint that includes T5")
         extra: dict[str, Any] = cls._component_overrides(t5)
         if config is not None:
             config_dir = Path(config).expanduser()
@@ -182,7 +186,7 @@ class FlowMatchingBackbone(Backbone):
             else:
                 extra["config"] = str(config)
         extra.update(kwargs)
-        from .stable_diffusion import _check_no_missing_weights, _dtype_kwarg
+        from .stable_diffusion import _dtype_kwarg
 
         try:
             pipe = cls._pipeline_class().from_single_file(str(p), **_dtype_kwarg(dtype), **extra)
@@ -191,8 +195,11 @@ class FlowMatchingBackbone(Backbone):
                 f"could not load {str(p)!r} as a single-file {cls.kind} checkpoint: {one_line(err)}; offline, pass "
                 "config=<a local diffusers directory of the same architecture> so nothing needs a download"
             ) from err
-        with as_user_error():
-            _check_no_missing_weights(pipe, p)
+        for name, module in pipe.components.items():  # diffusers leaves weights the file lacks on the meta device
+            missing = [k for k, v in module.state_dict().items() if v.is_meta] if isinstance(module, torch.nn.Module) else []
+            if missing:
+                raise InputError(f"{str(p)!r}: the checkpoint lacks {len(missing)} weight(s) of the {name} (e.g. "
+                                 f"{', '.join(missing[:3])}); it does not match the config's architecture")
         if device is not None:
             pipe.to(device)
         return cls(pipe)
