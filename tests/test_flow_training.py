@@ -108,7 +108,7 @@ def test_draft_k_on_a_flow_model_equals_diffusers_euler_steps(sd3_dir, k):
     ref_g = torch.autograd.grad(ref, params, allow_unused=True)
     assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
     scale = max(float(g.abs().max()) for g in ref_g if g is not None)
-    assert scale > 1e-6  # the reward reaches the LoRA
+    assert scale > 1e-9  # the reward reaches the LoRA (the tolerance below is relative to it)
     for a, b in zip(ours_g, ref_g):
         assert (a is None) == (b is None)
         if a is not None:
