@@ -22,6 +22,23 @@ blocks_...`` or LDM-style ``lora_unet_input_blocks_...`` keys, text-encoder ``lo
 which add a peft adapter of the given name. Before that, kohya alphas are made uniform the same way (for files
 from other tools), PEFT keys get the component prefix diffusers expects, and afterwards every weight is checked
 to have reached a module.
+
+Flow transformers (SD3 / SD3.5; :func:`transformer_lora_to_diffusers`, same :func:`save_lora` / :func:`load_lora`):
+the file holds diffusers' own LoRA keys, the one layout that both ComfyUI's LoraLoader and diffusers'
+``StableDiffusion3Pipeline.load_lora_weights`` read for SD3::
+
+    transformer.transformer_blocks.0.attn.to_q.lora_A.weight        # [r, in]
+    transformer.transformer_blocks.0.attn.to_q.lora_B.weight        # [out, r], the peft scale alpha / r folded in
+
+ComfyUI (``comfy/lora.py`` ``model_lora_keys_unet``, its ``comfy.model_base.SD3`` branch) maps
+``transformer.<diffusers path>`` through ``comfy.utils.mmdit_to_diffusers`` (``to_q/to_k/to_v`` and
+``add_q_proj/add_k_proj/add_v_proj`` into slices of the fused ``qkv`` weights, ``to_out.0`` / ``to_add_out`` to
+``proj``) and reads ``.lora_B.weight`` / ``.lora_A.weight`` pairs (``comfy/weight_adapter/lora.py``), with scale
+``alpha / rank`` when a ``.alpha`` key exists, else 1. diffusers' SD3 loader refuses any key without ``lora`` in
+it (so no ``.alpha`` keys) and, without metadata, gives every module ``lora_alpha = r`` (scale 1). Folding each
+module's scale into ``lora_B`` and writing no alpha gives ``up @ down * scale`` in both. :func:`load_lora` also
+reads ``base_model.model.`` / bare PEFT keys and kohya-style ``lora_transformer_<path>`` files (OneTrainer's, which
+ComfyUI also maps; their alphas folded the same way) into a transformer.
 """
 
 from __future__ import annotations
@@ -45,6 +62,9 @@ __all__ = [
     "kohya_module_name",
     "peft_to_kohya",
     "unet_lora_to_kohya",
+    "transformer_lora_to_diffusers",
+    "lora_layout",
+    "network_lora_tensors",
     "save_lora",
     "load_lora",
     "read_lora",
@@ -61,7 +81,9 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # "<module>.lora_A.weight" or "<module>.lora_A.<adapter>.weight" (adapter names without dots).
 _PEFT_KEY = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_PEFT_PREFIXES = ("base_model.model.", "unet.")
+_PEFT_PREFIXES = ("base_model.model.", "unet.", "transformer.")
+TRANSFORMER_PREFIX = "transformer."
+KOHYA_TRANSFORMER_PREFIX = "lora_transformer_"
 _KOHYA_KEY = re.compile(r"^(?P<name>[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
@@ -209,6 +231,71 @@ def unet_lora_to_kohya(
                          uniform_alpha=uniform_alpha)
 
 
+def lora_layout(network: torch.nn.Module) -> str:
+    """The LoRA file layout for a denoiser: ``"kohya_unet"`` for a diffusers UNet, ``"diffusers_transformer"`` for a
+    diffusers transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``: any ``...Transformer2DModel``
+    with ``transformer_blocks``)."""
+    name = type(network).__name__
+    if name.endswith("Transformer2DModel") and hasattr(network, "transformer_blocks"):
+        return "diffusers_transformer"
+    return "kohya_unet"
+
+
+def transformer_lora_to_diffusers(
+    network: torch.nn.Module,
+    adapter_name: str = "default",
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """diffusers-format LoRA tensors of one peft adapter on a transformer (module docstring): for every LoRA'd
+    module ``transformer.<path>.lora_A.weight`` and ``transformer.<path>.lora_B.weight`` with the module's peft scale
+    (``layer.scaling``: ``lora_alpha / r``, rsLoRA, patterns) multiplied into ``lora_B`` (in float64, then cast);
+    no alpha keys.
+
+    Args:
+        network: the transformer carrying the adapter.
+        adapter_name, state_dict: as :func:`unet_lora_to_kohya`.
+        dtype: cast of the weights (None keeps theirs).
+    """
+    from peft import get_peft_model_state_dict
+
+    if state_dict is None:
+        state_dict = get_peft_model_state_dict(network, adapter_name=adapter_name)
+    groups = _peft_modules(state_dict)
+    scales = _layer_scales(network, adapter_name, groups)
+    out: dict[str, torch.Tensor] = {}
+    for module, slot in sorted(groups.items()):
+        cast = dtype or slot["A"].dtype
+        up = slot["B"].detach().to("cpu", torch.float64) * scales[module]
+        out[f"{TRANSFORMER_PREFIX}{module}.lora_A.weight"] = slot["A"].detach().to("cpu", cast).contiguous().clone()
+        out[f"{TRANSFORMER_PREFIX}{module}.lora_B.weight"] = up.to(cast).contiguous()
+    return out
+
+
+def network_lora_tensors(
+    network: torch.nn.Module,
+    adapter_name: str = "default",
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The file tensors of adapter ``adapter_name`` in the layout of ``network`` (:func:`lora_layout`): kohya keys
+    for a UNet (:func:`unet_lora_to_kohya`), diffusers keys for a transformer (:func:`transformer_lora_to_diffusers`)."""
+    if lora_layout(network) == "diffusers_transformer":
+        return transformer_lora_to_diffusers(network, adapter_name, state_dict=state_dict, dtype=dtype)
+    return unet_lora_to_kohya(network, adapter_name, state_dict=state_dict, dtype=dtype)
+
+
+def lora_rank_alpha(tensors: Mapping[str, torch.Tensor]) -> tuple[int, float]:
+    """The most common rank and alpha of file tensors from :func:`network_lora_tensors` (for kohya metadata):
+    kohya files store alphas; diffusers-layout files have the scale folded in, alpha = rank."""
+    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith((".lora_down.weight", ".lora_A.weight"))]
+    rank = Counter(ranks).most_common(1)[0][0]
+    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
+    return rank, (Counter(alphas).most_common(1)[0][0] if alphas else float(rank))
+
+
 def save_lora(
     network: torch.nn.Module,
     path: str | os.PathLike[str],
@@ -219,10 +306,11 @@ def save_lora(
     metadata: Mapping[str, Any] | None = None,
     base_model_version: str = "sd_v1",
 ) -> Path:
-    """Write the UNet adapter ``adapter_name`` of ``network`` as a kohya ``.safetensors`` file (atomically).
+    """Write the adapter ``adapter_name`` of ``network`` as a ``.safetensors`` file (atomically): kohya keys for a
+    UNet, diffusers keys for an SD3 / Flux transformer (:func:`network_lora_tensors`).
 
     Args:
-        network: the diffusers UNet carrying the adapter (a backbone's ``network``).
+        network: the diffusers UNet or transformer carrying the adapter (a backbone's ``network``).
         path: the file to write; its folder is created.
         state_dict, dtype: see :func:`unet_lora_to_kohya`.
         metadata: extra metadata entries (values become strings), added to the kohya ``ss_*`` fields.
@@ -231,11 +319,9 @@ def save_lora(
     Returns:
         The path written.
     """
-    tensors = unet_lora_to_kohya(network, adapter_name, state_dict=state_dict, dtype=dtype)
-    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight")]
-    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
-    meta = kohya_metadata(rank=Counter(ranks).most_common(1)[0][0], alpha=Counter(alphas).most_common(1)[0][0],
-                          base_model_version=base_model_version, extra=metadata)
+    tensors = network_lora_tensors(network, adapter_name, state_dict=state_dict, dtype=dtype)
+    rank, alpha = lora_rank_alpha(tensors)
+    meta = kohya_metadata(rank=rank, alpha=alpha, base_model_version=base_model_version, extra=metadata)
     return save_lora_safetensors(path, tensors, meta)
 
 
@@ -371,6 +457,99 @@ def _resolve_target(target: Any) -> tuple[Any, torch.nn.Module, dict[str, torch.
                     f"UNet2DConditionModel, got a {type(target).__name__}")
 
 
+def _transformer_target(target: Any) -> torch.nn.Module | None:
+    """The diffusers transformer of a flow backbone, a pipeline with a ``transformer``, or the transformer itself;
+    None for UNet models."""
+    for candidate in (getattr(target, "network", None), getattr(target, "transformer", None), target):
+        if isinstance(candidate, torch.nn.Module) and lora_layout(candidate) == "diffusers_transformer":
+            return candidate
+    return None
+
+
+def _kohya_transformer_to_peft(tensors: Mapping[str, torch.Tensor], transformer: torch.nn.Module
+                               ) -> dict[str, torch.Tensor]:
+    """kohya-style ``lora_transformer_<path with underscores>`` tensors -> ``transformer.<path>.lora_A/B.weight``
+    (each module's ``alpha / rank`` folded into lora_B; no alpha = scale 1), the paths resolved against the
+    transformer's own module names."""
+    names = {KOHYA_TRANSFORMER_PREFIX + path.replace(".", "_"): path for path, _ in transformer.named_modules() if path}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = _KOHYA_KEY.match(key)
+        if m is None:
+            raise ValueError(f"{key!r} is not a kohya LoRA key (<name>.lora_down.weight / .lora_up.weight / .alpha)")
+        groups.setdefault(m.group("name"), {})[m.group("kind")] = value
+    unknown = sorted(n for n in groups if n not in names)
+    if unknown:
+        raise ValueError(f"{len(unknown)} kohya LoRA module name(s) match no module of this transformer, e.g. "
+                         f"{unknown[:3]}; is the LoRA for another architecture? Nothing was loaded.")
+    out: dict[str, torch.Tensor] = {}
+    for name, slot in groups.items():
+        if "lora_down.weight" not in slot or "lora_up.weight" not in slot:
+            raise ValueError(f"kohya LoRA module {name!r} needs both lora_down.weight and lora_up.weight")
+        down, up = slot["lora_down.weight"], slot["lora_up.weight"]
+        scale = float(slot["alpha"].item()) / down.shape[0] if "alpha" in slot else 1.0
+        path = names[name]
+        out[f"{TRANSFORMER_PREFIX}{path}.lora_A.weight"] = down
+        out[f"{TRANSFORMER_PREFIX}{path}.lora_B.weight"] = (up.to(torch.float64) * scale).to(up.dtype)
+    return out
+
+
+def _load_transformer_lora(transformer: torch.nn.Module, source: Any, adapter_name: str, *,
+                           text_encoders: bool) -> LoadedLora:
+    """:func:`load_lora` for a flow transformer: diffusers' ``load_lora_adapter`` with prefix ``transformer``."""
+    tensors, metadata = read_lora(source)
+    if not tensors:
+        raise ValueError("the LoRA has no tensors")
+    if adapter_name in (getattr(transformer, "peft_config", None) or {}) or _adapter_modules(transformer, adapter_name):
+        raise ValueError(f"the transformer already has an adapter named {adapter_name!r}; pick another adapter_name")
+    te_prefixes = KOHYA_TE_PREFIXES + ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
+    te_keys = sorted(k for k in tensors if k.startswith(te_prefixes))
+    if te_keys and text_encoders:
+        raise ValueError(f"the LoRA has {len(te_keys)} text-encoder weight(s) (e.g. {te_keys[0]!r}); text-encoder "
+                         "LoRAs of flow models are not loaded here: pass text_encoders=False to load the "
+                         "transformer part only")
+    skip = set(te_keys)
+    tensors = {k: v for k, v in tensors.items() if k not in skip}
+    if tensors and all(k.startswith(KOHYA_TRANSFORMER_PREFIX) for k in tensors):
+        file_format, metadata = "kohya", None
+        tensors = _kohya_transformer_to_peft(tensors, transformer)
+    elif tensors and all(_PEFT_KEY.match(k) for k in tensors):
+        file_format = "peft"
+        tensors = {(k if k.startswith(TRANSFORMER_PREFIX) else TRANSFORMER_PREFIX
+                    + (k[len("base_model.model."):] if k.startswith("base_model.model.") else k)): v
+                   for k, v in tensors.items()}
+        if metadata:
+            metadata = {(TRANSFORMER_PREFIX + k[len("unet."):] if k.startswith("unet.") else k): v
+                        for k, v in metadata.items()}
+    else:
+        bad = sorted(k for k in tensors if not _PEFT_KEY.match(k))[:3]
+        raise ValueError(f"cannot read this LoRA for a transformer: keys such as {bad} are neither diffusers / PEFT "
+                         "(<module>.lora_A.weight / .lora_B.weight) nor kohya lora_transformer_ keys")
+    expected = sum(k.endswith(".lora_A.weight") for k in tensors)
+    try:
+        transformer.load_lora_adapter(dict(tensors), prefix="transformer", adapter_name=adapter_name,
+                                      metadata=metadata)
+    except Exception as err:
+        _delete_adapter({"transformer": transformer}, adapter_name)
+        if isinstance(err, RuntimeError) and "size mismatch" in str(err):
+            raise ValueError(f"the LoRA does not fit this transformer, its weights have other shapes (is it for "
+                             f"another architecture?): {_first_error_line(err)}. Nothing was loaded.") from err
+        raise
+    loaded = _adapter_modules(transformer, adapter_name)
+    if loaded != expected:
+        _delete_adapter({"transformer": transformer}, adapter_name)
+        raise ValueError(f"LoRA weights did not all reach a module ({loaded} of {expected} LoRA'd modules); the file "
+                         f"is for another architecture (keys such as {sorted(tensors)[:2]}). Nothing was loaded.")
+    return LoadedLora(adapter_name, {"transformer": loaded}, file_format, te_keys)
+
+
+def _first_error_line(err: BaseException) -> str:
+    """The first ``size mismatch`` line of a state-dict loading error (or its first line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    hits = [line for line in lines if "size mismatch" in line]
+    return (hits or lines or [type(err).__name__])[0]
+
+
 def _adapter_modules(module: torch.nn.Module, adapter_name: str) -> int:
     from peft.tuners.lora import LoraLayer
 
@@ -440,9 +619,15 @@ def load_lora(
     loading; choose per call with :func:`rdt_lib.lora.use_adapters` (UNet) -- a text-encoder adapter acts on
     prompt encoding, for base and tuned model alike.
 
+    A flow model (a backbone whose ``network`` is an SD3 / Flux transformer, its pipeline, or the transformer) gets
+    the transformer part through diffusers' ``load_lora_adapter`` (keys ``transformer.<path>.lora_A/B.weight``, bare
+    or ``base_model.model.`` PEFT keys, or kohya ``lora_transformer_`` keys; see the module docstring); its
+    text-encoder weights are not loaded (``text_encoders=False`` skips them, else they are refused).
+
     Args:
         target: a ``StableDiffusionBackbone``, a diffusers SD / SDXL pipeline, or a ``UNet2DConditionModel``
-            (UNet only: a file with text-encoder keys is then refused unless ``text_encoders=False``).
+            (UNet only: a file with text-encoder keys is then refused unless ``text_encoders=False``); or a flow
+            backbone / pipeline / transformer.
         source: a ``.safetensors`` file, a PEFT adapter folder, or the tensors.
         adapter_name: the new adapter's name; must not exist yet.
         text_encoders: False loads only the UNet part and lists the text-encoder keys in ``skipped``.
@@ -458,6 +643,9 @@ def load_lora(
 
     from .backbones.stable_diffusion import detect_sd_kind
 
+    transformer = _transformer_target(target)
+    if transformer is not None:
+        return _load_transformer_lora(transformer, source, adapter_name, text_encoders=text_encoders)
     pipe, unet, components = _resolve_target(target)
     tensors, metadata = read_lora(source)
     if not tensors:

@@ -6,8 +6,9 @@ the stream's seed is a hash of the three, so different purposes never share numb
 Purposes used in rdt_lib (:data:`PURPOSES`):
 
 - ``"micro_batch"`` -- the trainer's per-micro-batch seed: (optimizer-step seed, index of the micro-batch).
-- ``"eta"`` -- R0's random DDIM eta per sampling step: (micro-batch seed, 0).
+- ``"eta"`` -- R0's random eta per sampling step: (micro-batch seed, 0).
 - ``"stop_step"`` -- ReFL's random stop step: (micro-batch seed, 0).
+- ``"intermediate_step"`` -- R0+'s supervised intermediate step (DRaFT-K option): (micro-batch seed, 0).
 - ``"renoise"`` -- DRaFT-LV's fresh noise for re-noising copy ``j`` of a sample: (the row's seed, j).
 - ``"vae_posterior"`` -- the VAE posterior sample of a real image (ImageReFL): (the row's seed, 0).
 """
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["PURPOSES", "stream_seed", "rng_stream"]
 
-PURPOSES = ("micro_batch", "eta", "stop_step", "renoise", "vae_posterior")
+PURPOSES = ("micro_batch", "eta", "stop_step", "intermediate_step", "renoise", "vae_posterior")
 
 
 def stream_seed(seed: int, purpose: str, index: int = 0) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "SCHEDULERS",
     "LEGACY_SCHEDULER_NAMES",
     "resolve_sampler",
+    "family_sampler",
     "initial_noise",
     "starting_latent",
     "run_sampler",
@@ -51,15 +52,54 @@ LEGACY_SCHEDULER_NAMES: dict[str, tuple[str, str]] = {
     "dpmpp_2m_karras": ("dpmpp_2m", "karras"),
 }
 
-SCHEDULERS: tuple[str, ...] = SCHEDULER_NAMES + tuple(LEGACY_SCHEDULER_NAMES)
-"""Every name the ``scheduler`` argument accepts: the sigma lists (normal, karras, exponential, sgm_uniform,
-simple, ddim_uniform, beta) and the legacy combined names of :data:`LEGACY_SCHEDULER_NAMES`."""
+AUTO = "auto"
+"""The ``scheduler`` name for the model family's own trajectory (:func:`family_sampler`)."""
+
+SCHEDULERS: tuple[str, ...] = (AUTO,) + SCHEDULER_NAMES + tuple(LEGACY_SCHEDULER_NAMES)
+"""Every name the ``scheduler`` argument accepts: ``auto`` (the model family's default, :func:`family_sampler`), the
+sigma lists (normal, karras, exponential, sgm_uniform, simple, ddim_uniform, beta) and the legacy combined names of
+:data:`LEGACY_SCHEDULER_NAMES`."""
 
 
-def resolve_sampler(sampler: str | None, scheduler: str) -> tuple[str, str]:
+def family_sampler(model_sampling: ModelSampling, *, stochastic: bool = False, kind: str | None = None
+                   ) -> tuple[str, str]:
+    """``(sampler, scheduler)`` of the model family's default trajectory (``scheduler="auto"``).
+
+    - VP models (SD1.5 / SDXL, eps or v): ``ddim`` on ``ddim_uniform``, DDIM on its uniform timesteps as DRaFT and
+      ReFL train (at eta 0 an Euler step; its ``eta`` is DDIM's eta).
+    - Flow models (SD3, Flux): ``euler`` on ``normal``. On :class:`~rdt_lib.model_sampling.FlowMatch` model
+      sampling ``normal`` is ``shift(linspace(1, sigma_min, N))`` then 0, the sigma list diffusers'
+      ``FlowMatchEulerDiscreteScheduler`` gives ``StableDiffusion3Pipeline`` (both take ``sigma_min`` = the
+      shifted ``1 / T``), and ``x += (x - x0) / sigma * (sigma_next - sigma)`` with ``x0 = x - sigma * v`` is its
+      Euler step. With ``stochastic`` (an eta is asked for): ``euler_ancestral``, which on a flow model is
+      ComfyUI's rectified-flow ancestral step (``sample_euler_ancestral_RF``): at eta 0 exactly the Euler step,
+      at eta > 0 it steps to a lower sigma and re-noises to ``sigma_next`` with fresh noise -- the flow
+      counterpart of DDIM's eta (which in sigma space is the same Euler-ancestral step on a VP model).
+    - Flux (``kind="flux"``, a backbone's ``kind``): the same steps on ``simple``, the list ``FluxPipeline`` passes
+      (``linspace(1, 1/N, N)`` shifted, then 0; see :mod:`rdt_lib.backbones.flux`).
+    """
+    if getattr(model_sampling, "is_flow", False):
+        return ("euler_ancestral" if stochastic else "euler"), ("simple" if kind == "flux" else "normal")
+    return "ddim", "ddim_uniform"
+
+
+def resolve_sampler(sampler: str | None, scheduler: str, model_sampling: ModelSampling | None = None, *,
+                    stochastic: bool = False, kind: str | None = None) -> tuple[str, str]:
     """``(sampler, scheduler)`` from the arguments: a legacy combined ``scheduler`` name sets both (an explicit
-    ``sampler`` then wins); otherwise ``sampler`` (default ``ddim``) and the sigma list ``scheduler``."""
+    ``sampler`` then wins); ``auto`` takes the model family's (:func:`family_sampler` of ``model_sampling`` and ``kind``;
+    without one only the name is checked and ``("ddim", "auto")`` returned); otherwise ``sampler`` (default
+    ``ddim``) and the sigma list ``scheduler``."""
     key = scheduler.lower()
+    if key == AUTO:
+        if model_sampling is None:
+            if sampler is not None and sampler.lower() not in SAMPLER_NAMES:
+                raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
+            return (sampler or "ddim").lower(), AUTO
+        family, sigma_list = family_sampler(model_sampling, stochastic=stochastic, kind=kind)
+        name = (sampler or family).lower()
+        if name not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
+        return name, sigma_list
     if key in LEGACY_SCHEDULER_NAMES:
         legacy_sampler, legacy_scheduler = LEGACY_SCHEDULER_NAMES[key]
         return (sampler or legacy_sampler), legacy_scheduler
@@ -207,7 +247,8 @@ def sample(
             else ``"base"``); see :mod:`rdt_lib.schedules`. The step index comes from sigma.
         sampler: the step rule, one of :data:`SAMPLERS` (default ``ddim``, which at eta 0 is an Euler step).
         scheduler: the sigma list, one of :data:`SCHEDULERS` (default ``normal``); a legacy combined name
-            (``dpmpp_2m_karras`` ...) also sets the sampler. Flow models: ``normal`` is the list diffusers'
+            (``dpmpp_2m_karras`` ...) also sets the sampler; ``auto`` the model family's (:func:`family_sampler`).
+            Flow models: ``normal`` is the list diffusers'
             ``StableDiffusion3Pipeline`` samples (``FlowMatchEulerDiscreteScheduler`` with the model's shift),
             ``simple`` is ``FluxPipeline``'s (``linspace(1, 1/N, N)`` shifted; exactly when N divides 1000); both
             with the ``euler`` sampler (or ``ddim`` at eta 0). Sigma lists of Flux use the shift of
@@ -246,10 +287,10 @@ def sample(
         raise ValueError(f"got {len(negatives)} negative prompts for {b} prompts")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    sampler_name, scheduler_name = resolve_sampler(sampler, scheduler)
-
     bb = base_branch.backbone
     ms = bb.model_sampling_for(height, width)  # Flux: the flow shift of this image size
+    sampler_name, scheduler_name = resolve_sampler(sampler, scheduler, ms, stochastic=bool(eta),
+                                                   kind=getattr(bb, "kind", None))
     if sigmas is None:
         sigma_list = sigmas_for(scheduler_name, ms, num_steps, denoise, sampler=sampler_name)
     else:

@@ -281,8 +281,17 @@ def test_all_problems_are_reported_together():
 
 
 def test_regularizer_and_sampling_constraints():
-    with pytest.raises(ConfigError, match=r"random_eta_range needs sampling\.scheduler = \"ddim\""):
+    with pytest.raises(ConfigError, match=r"random_eta_range needs a sampler that takes an eta"):
         load_config([], ["regularizers.random_eta_range=[0.0, 1.0]", "sampling.scheduler=euler"], check_inputs=False)
+    with pytest.raises(ConfigError, match=r"sampling\.eta = 0\.5 needs a sampler that takes an eta"):
+        load_config([], ["sampling.eta=0.5", "sampling.scheduler=dpmpp_2m"], check_inputs=False)
+    for scheduler in ("auto", "ddim", "euler_a", "karras"):  # each trajectory takes an eta (DDIM / ancestral)
+        load_config([], ["regularizers.random_eta_range=[0.0, 1.0]", f"sampling.scheduler={scheduler}"],
+                    check_inputs=False)
+    with pytest.raises(ConfigError, match=r"intermediate_weight .* applies to run\.objective = 'draft', not 'refl'"):
+        load_config([], ["objective.intermediate_weight=1.0", "run.objective=refl"], check_inputs=False)
+    with pytest.raises(ConfigError, match=r"intermediate_weight needs an intermediate step"):
+        load_config([], ["objective.intermediate_weight=1.0", "objective.num_steps=1"], check_inputs=False)
     with pytest.raises(ConfigError, match=r"random_eta_range must be \[\] or \[low, high\]"):
         load_config([], ["regularizers.random_eta_range=[0.8, 0.2]"], check_inputs=False)
     with pytest.raises(ConfigError, match=r"optim\.ema_decay must be in \[0, 1\)"):
@@ -329,7 +338,7 @@ def test_help_lists_every_field_with_default_and_doc():
         assert spec.help and spec.help in text, spec.key
     # a few literal lines, written out independently
     for line in ("  optim.lr = 0.00025    [number]", "  objective.k = 1    [integer or \"all\"]",
-                 "  lora.target_modules = [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]    [list of strings]",
+                 "  lora.target_modules = []    [list of strings]", "  sampling.scheduler = \"auto\"    [string]",
                  "  rewards.N.name = (required)    [string]", "  run.objective = \"draft\"    [string]",
                  "  sampling.cfg_scale = (unset)    [number]", "      peak AdamW learning rate; range > 0",
                  "      LoRA dropout probability; range in [0, 1)"):
@@ -374,6 +383,6 @@ def test_help_presets_and_setting_specs_come_from_one_declaration():
     assert setting_spec("sampling.scheduler").choices == tuple(SCHEDULERS)
     assert setting_spec("rewards.0.name").choices == tuple(available())
     assert setting_spec("run.objective").choices == ("draft", "draft-lv", "refl", "imagerefl")
-    assert setting_spec("lora.target_modules").default == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert setting_spec("lora.target_modules").default == []  # = the network's attention projections
     with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'; did you mean 'optim\.lr'\?"):
         setting_spec("optim.lrr")

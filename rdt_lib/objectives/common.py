@@ -2,8 +2,12 @@
 
 Conventions (sigma space, :mod:`rdt_lib.model_sampling`): a *step index* ``i`` counts sampling steps of an
 ``N``-step sigma list (0 = noisiest); step ``i`` runs from ``sigmas[i]`` to ``sigmas[i + 1]``. Latents at step
-``i`` are the sampler's state at ``sigmas[i]`` (VP models: ``x0 + sigma * noise``). The x0 estimate is what the
-denoiser returns; re-noising is :func:`noise_to_sigma`, one place for VP and flow models.
+``i`` are the sampler's state at ``sigmas[i]`` (VP models: ``x0 + sigma * noise``; flow models: ``(1 - sigma) * x0 +
+sigma * noise``). The x0 estimate is what the denoiser returns (:meth:`~rdt_lib.model_sampling.FlowMatch.
+calculate_denoised`: ``x - sigma * eps`` for eps, ``x - sigma * v`` for flow); re-noising is :func:`noise_to_sigma`
+and the diffusion-loss target :func:`diffusion_target`, one place each for VP and flow models. The default trajectory
+(``scheduler="auto"``) is the family's (:func:`rdt_lib.sampling.family_sampler`: DDIM for SD, Euler on the SD3
+pipeline's sigmas for flow models, its ancestral step when an eta is asked for).
 """
 
 from __future__ import annotations
@@ -47,13 +51,16 @@ class SamplingObjective:
         num_steps: sampling steps of a training trajectory.
         adapter: the trained LoRA adapter's name.
         cfg_scale: classifier-free guidance scale of training samples (``None``: the backbone's default).
-        scheduler: the sigma list (see :data:`rdt_lib.sampling.SCHEDULERS`); a legacy combined name (``ddim``, the
-            default: DDIM on its uniform timesteps,
-            ``ddpm``, ``dpmpp_2m_karras`` ...) also sets the sampler.
+        scheduler: the sigma list (see :data:`rdt_lib.sampling.SCHEDULERS`); ``auto`` (the default): the model
+            family's trajectory (:func:`rdt_lib.sampling.family_sampler`: SD: DDIM on its uniform timesteps; flow:
+            Euler on the SD3 pipeline's sigma list, ``euler_ancestral`` when ``eta`` / ``eta_range`` asks for
+            noise); a legacy combined name (``ddim``, ``ddpm``, ``dpmpp_2m_karras`` ...) also sets the sampler.
         sampler: the step rule (:data:`rdt_lib.sampling.SAMPLERS`); ``None``: from ``scheduler``, else ``ddim``.
-        eta: DDIM eta in [0, 1] (0 = deterministic).
-        eta_range: R0's random eta: ``(low, high)`` = a DDIM eta drawn uniformly per step (overrides ``eta``).
-        kl_coeff: DRaFT+ KL weight (``kl_coeff * mean((eps_tuned - eps_base)^2)`` over the gradient steps).
+        eta: eta of a stochastic sampler in [0, 1] (0 = deterministic): DDIM's eta on SD; on flow models the
+            rectified-flow ancestral step's (``euler_ancestral`` / ``ddim`` on a flow model).
+        eta_range: R0's random eta: ``(low, high)`` = an eta drawn uniformly per step (overrides ``eta``).
+        kl_coeff: DRaFT+ KL weight: ``kl_coeff * mean((out_tuned - out_base)^2)`` over the gradient steps, ``out``
+            the guided network output (eps for SD1.5, v for v-prediction models, the velocity for flow models).
         reward_loss: ``negative`` (``-reward``) or ``hinge`` (``relu(hinge_margin - reward)``).
         hinge_margin: margin of the hinge loss.
         loss_scale: multiplies the whole objective loss (ReFL / ImageReFL: 0.001).
@@ -64,7 +71,7 @@ class SamplingObjective:
     num_steps: int = 25
     adapter: str = "tuned"
     cfg_scale: float | None = None
-    scheduler: str = "ddim"
+    scheduler: str = "auto"
     sampler: str | None = None
     eta: float = 0.0
     eta_range: tuple[float, float] | None = None
@@ -117,8 +124,12 @@ class ObjectiveRun:
         if obj.kl_coeff > 0:
             base = self.guided.with_branch(ModelBranch(backbone, adapter=None, cfg_scale=obj.cfg_scale))
         self.denoiser = KLToBase(self.guided, base)
-        self.sampler, scheduler = resolve_sampler(obj.sampler, obj.scheduler)
-        self.sigmas = sigmas_for(scheduler, self.model_sampling, obj.num_steps, sampler=self.sampler)
+        stochastic = obj.eta_range is not None or bool(obj.eta)
+        self.sampler, scheduler = resolve_sampler(obj.sampler, obj.scheduler, self.model_sampling,
+                                                  stochastic=stochastic, kind=getattr(backbone, "kind", None))
+        # the sigma list of this image size (Flux's shift depends on it); the denoiser's x0 does not
+        self.sigmas = sigmas_for(scheduler, backbone.model_sampling_for(obj.height, obj.width), obj.num_steps,
+                                 sampler=self.sampler)
         if obj.eta_range is not None:
             self.eta: float | Callable[[int], float] | None = random_eta(*obj.eta_range, obj.num_steps,
                                                                          batch.generator("eta"))
@@ -140,13 +151,13 @@ class ObjectiveRun:
 
     def denoise(self, x: torch.Tensor, generators: Sequence[torch.Generator], *, start_step: int = 0,
                 end_step: int | None = None, grad_steps: Callable[[int], bool] | None = None,
-                denoiser=None) -> torch.Tensor:
+                denoiser=None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Sampler steps ``start_step .. end_step - 1`` from ``x`` (at ``sigmas[start_step]``), fresh noise per row
-        from ``generators``; no gradient except on ``grad_steps``."""
+        from ``generators``; no gradient except on ``grad_steps``; ``callback`` as :func:`rdt_lib.sampling.run_sampler`."""
         return run_sampler(self.sampler, denoiser or self.denoiser, x, self.sigmas, start_step=start_step,
                            end_step=end_step, grad_steps=grad_steps, eta=self.eta,
                            noise_sampler=RowNoise(generators, x.shape[1:], device=x.device),
-                           model_sampling=self.model_sampling)
+                           model_sampling=self.model_sampling, callback=callback)
 
     def conditional_prediction(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """The tuned model's raw network output on the batch prompts without guidance (for the diffusion loss)."""

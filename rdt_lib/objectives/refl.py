@@ -27,10 +27,10 @@ def check_stop_range(stop_range: tuple[int, int], num_steps: int) -> None:
         raise ValueError(f"stop_range {tuple(stop_range)} must satisfy 0 <= first <= last < num_steps = {num_steps}")
 
 
-def draw_stop_step(stop_range: tuple[int, int], batch: Batch) -> int:
-    """A step index drawn uniformly from ``[first, last]`` with the batch's per-batch generator."""
+def draw_stop_step(stop_range: tuple[int, int], batch: Batch, purpose: str = "stop_step") -> int:
+    """A step index drawn uniformly from ``[first, last]`` with the batch's per-batch generator ``purpose``."""
     lo, hi = int(stop_range[0]), int(stop_range[1])
-    return int(torch.randint(lo, hi + 1, (1,), generator=batch.generator("stop_step")).item())
+    return int(torch.randint(lo, hi + 1, (1,), generator=batch.generator(purpose)).item())
 
 
 def refl_step(run: ObjectiveRun, latents: torch.Tensor, step: int) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 - :class:`KLToBase` (DRaFT+): a denoiser wrapper that, on every step that runs with gradient, also evaluates the
   base model (adapter disabled, no gradient) on the same input and accumulates ``mean((eps_tuned - eps_base)^2)``
-  over the guided network outputs; the KL term is the mean over those steps.
+  over the guided network outputs (eps, v or, for flow models, the velocity); the KL term is the mean over those
+  steps.
 - :func:`l2_to_init` (R0): ``sum((w - w_init)^2)`` over the trainable weights.
-- :func:`random_eta` (R0): a DDIM eta drawn uniformly per sampling step, as the ``eta`` callable of
-  :func:`rdt_lib.sampling.run_sampler`.
+- :func:`random_eta` (R0): an eta drawn uniformly per sampling step, as the ``eta`` callable of
+  :func:`rdt_lib.sampling.run_sampler`: DDIM's eta on SD; on a flow model the eta of the rectified-flow ancestral
+  step (:func:`rdt_lib.sampling.family_sampler`), which at 0 is the deterministic Euler step.
 - :func:`normalized_reward_gradients` (R0): each reward's gradient divided by its own norm before summing.
 """
 
@@ -29,7 +31,7 @@ class KLToBase:
 
     On a step evaluated with autograd on (a DRaFT gradient step, a ReFL prediction step) the base model's guided
     network output is computed under ``torch.no_grad`` and ``mean((out_tuned - out_base)^2)`` (the eps, or v,
-    predictions; over every element, float32) is stored; :attr:`value` is the mean over the recorded steps.
+    predictions, or a flow model's velocity; over every element, float32) is stored; :attr:`value` is the mean over the recorded steps.
     """
 
     def __init__(self, tuned: GuidedDenoiser, base: GuidedDenoiser | None) -> None:
@@ -73,7 +75,7 @@ def l2_to_init(params: Mapping[str, torch.Tensor], init: Mapping[str, torch.Tens
 
 
 def random_eta(low: float, high: float, num_steps: int, generator: torch.Generator) -> Callable[[int], float]:
-    """A per-step DDIM eta: ``num_steps`` values drawn uniformly from ``[low, high]`` with ``generator``.
+    """A per-step eta (DDIM's, or the flow ancestral step's): ``num_steps`` values drawn uniformly from ``[low, high]`` with ``generator``.
 
     Returns ``eta(i)`` for step index ``i`` (0 = noisiest), as :func:`rdt_lib.sampling.run_sampler` takes it.
     """

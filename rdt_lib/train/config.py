@@ -47,12 +47,6 @@ def reward_names() -> tuple[str, ...]:
     return tuple(available())
 
 
-def _lora_targets() -> list[str]:
-    from ..lora import DEFAULT_SD_TARGETS
-
-    return list(DEFAULT_SD_TARGETS)
-
-
 _NAME_LISTS: dict[str, Callable[[], tuple[str, ...]]] = {"schedulers": scheduler_names, "rewards": reward_names}
 
 
@@ -76,20 +70,24 @@ class ModelConfig(Section):
 
     path: str = S("", "diffusers directory, single-file checkpoint (.safetensors, e.g. from ComfyUI "
                       "models/checkpoints) or Hugging Face hub id")
-    kind: Literal["auto", "sd15", "sdxl"] = S("auto", "architecture: sd15, sdxl, or auto (detected from the weights)")
-    resolution: int = S(0, "training image size in pixels (a multiple of 8); 0 = native (512 SD1.5, 1024 SDXL)", ge=0)
+    kind: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = S(
+        "auto", "architecture: sd15, sdxl, sd3 (SD3 / SD3.5, rectified flow), flux (FLUX.1, rectified flow, "
+        "guidance-distilled), or auto (detected from the weights)")
+    resolution: int = S(0, "training image size in pixels (a multiple of 8; SD3: of 16); 0 = native (512 SD1.5, "
+                           "1024 SDXL and SD3)", ge=0)
     single_file_config: str = S("", "single-file checkpoints: a local diffusers directory of the same architecture "
                                     "to take component configs and tokenizers from ('' = fetch them from the hub)")
 
 
 class LoraSection(Section):
-    """[lora]: the trained peft LoRA on the UNet."""
+    """[lora]: the trained peft LoRA on the denoiser (UNet or transformer)."""
 
     rank: int = S(32, "LoRA rank r", ge=1)
     alpha: float = S(32.0, "LoRA alpha; the update is scaled by alpha / rank (kohya files store alpha per module)",
                      gt=0)
-    target_modules: list[str] = S(factory=_lora_targets, help="UNet module name suffixes that get a LoRA "
-                                                              "(default: the attention projections)")
+    target_modules: list[str] = S([], "module name suffixes that get a LoRA; [] = the model's attention "
+                                      "projections (UNet: to_q, to_k, to_v, to_out.0; SD3 transformer: also the "
+                                      "text-stream add_q_proj, add_k_proj, add_v_proj, to_add_out)")
     dropout: float = S(0.0, "LoRA dropout probability", ge=0, lt=1)
     init: Literal["gaussian", "kaiming"] = S("gaussian", "LoRA init: gaussian (A ~ N(0, 1/r)) or kaiming "
                                                          "(A kaiming-uniform); B starts at 0")
@@ -113,6 +111,9 @@ class ObjectiveConfig(Section):
     reward_loss: Literal["negative", "hinge"] = S("negative", "reward term: negative (-reward) or hinge "
                                                               "(relu(hinge_margin - reward), ImageReward's ReFL loss)")
     hinge_margin: float = S(2.0, "margin of the hinge reward loss")
+    intermediate_weight: float = S(0.0, "draft: R0+ intermediate supervision: weight of the reward on the x0 "
+                                        "prediction at a step drawn from [0, num_steps - 2], earlier steps without "
+                                        "gradient (0 = off)", ge=0)
 
 
 class RewardConfig(Section):
@@ -129,11 +130,13 @@ class RewardConfig(Section):
 class RegularizerConfig(Section):
     """[regularizers]: terms that combine with any objective."""
 
-    kl_coeff: float = S(0.0, "DRaFT+ KL: kl_coeff * mean((eps_tuned - eps_base)^2) over the gradient steps", ge=0)
+    kl_coeff: float = S(0.0, "DRaFT+ KL: kl_coeff * mean((out_tuned - out_base)^2) over the gradient steps, out = "
+                             "the network output (eps, v, or a flow model's velocity)", ge=0)
     l2_init_coeff: float = S(0.0, "R0: coeff * sum of squared differences of the trainable weights from their "
                                   "initial values", ge=0)
-    random_eta_range: list[float] = S([], "R0: [low, high] range of a DDIM eta drawn per training step "
-                                          "(ddim only; [] = off, use sampling.eta)")
+    random_eta_range: list[float] = S([], "R0: [low, high] range of an eta drawn per sampling step (SD: DDIM's; "
+                                          "flow models: the rectified-flow ancestral step's); [] = off, use "
+                                          "sampling.eta")
     per_reward_grad_norm: bool = S(False, "R0: normalise each reward's gradient by its own norm before summing")
 
 
@@ -171,10 +174,13 @@ class DataConfig(Section):
 class SamplingConfig(Section):
     """[sampling]: how training trajectories are sampled."""
 
-    scheduler: str = S("ddim", "sampler of the training trajectory", names="schedulers")
+    scheduler: str = S("auto", "sampler of the training trajectory; auto = the model family's (SD: DDIM on its "
+                               "uniform timesteps; flow: Euler on the SD3 pipeline's sigmas, its ancestral step "
+                               "when an eta is set)", names="schedulers")
     cfg_scale: Optional[float] = S(None, "classifier-free guidance scale (<= 1 = no guidance); unset = the model's "
-                                         "own default (7.5 SD1.5, 5 SDXL)", ge=0)
-    eta: float = S(0.0, "DDIM eta (0 = deterministic; ddim only)", ge=0, le=1)
+                                         "own default (7.5 SD1.5, 5 SDXL, 7 SD3)", ge=0)
+    eta: float = S(0.0, "eta of the trajectory's stochastic sampler (0 = deterministic; SD: DDIM's eta; flow: the "
+                        "rectified-flow ancestral step's)", ge=0, le=1)
     negative_prompt: str = S("", "negative prompt for classifier-free guidance")
 
 
@@ -239,6 +245,17 @@ _SYNONYMS = {
 _looks_local = looks_local
 
 
+def _takes_eta(scheduler: str) -> bool:
+    """Whether the training trajectory of ``sampling.scheduler`` takes an eta (DDIM / ancestral / SDE steps)."""
+    from ..sampling import resolve_sampler
+
+    try:
+        sampler, _ = resolve_sampler(None, scheduler)
+    except ValueError:
+        return False
+    return sampler in ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde")
+
+
 def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None = None,
                   known_schedulers: Iterable[str] | None = None, check_inputs: bool = True) -> list[str]:
     rewards_ok = tuple(known_rewards) if known_rewards is not None else reward_names()
@@ -252,14 +269,17 @@ def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None = None,
         err(f"run.output_name must be a plain file stem without slashes, got {c.run.output_name!r}")
     if c.model.resolution % 8:
         err(f"model.resolution must be 0 (native) or a multiple of 8, got {c.model.resolution}")
-    if not c.lora.target_modules:
-        err(f"lora.target_modules is empty; the default is {json.dumps(_lora_targets())}")
     if obj == "draft" and isinstance(o.k, int) and o.k > o.num_steps:
         err(f"objective.k = {o.k} is larger than objective.num_steps = {o.num_steps}; use k <= {o.num_steps} or "
             f"k = \"all\"")
     if obj == "draft-lv" and o.k != 1:
         err(f"draft-lv takes one gradient step per re-noised sample (K = 1); objective.k = {o.k!r} is not used, "
             f"set it to 1")
+    if o.intermediate_weight > 0 and obj != "draft":
+        err(f"objective.intermediate_weight (R0+ intermediate supervision) applies to run.objective = 'draft', "
+            f"not {obj!r}")
+    elif o.intermediate_weight > 0 and o.num_steps < 2:
+        err("objective.intermediate_weight needs an intermediate step: objective.num_steps >= 2")
     if obj in ("refl", "imagerefl"):
         rng = o.refl_stop_range
         if len(rng) != 2:
@@ -281,14 +301,16 @@ def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None = None,
         if len(g.random_eta_range) != 2 or not 0 <= g.random_eta_range[0] <= g.random_eta_range[1] <= 1:
             err(f"regularizers.random_eta_range must be [] or [low, high] with 0 <= low <= high <= 1, "
                 f"got {g.random_eta_range}")
-        if s.scheduler != "ddim":
-            err(f"regularizers.random_eta_range needs sampling.scheduler = \"ddim\", got {s.scheduler!r}")
+        if s.scheduler in schedulers_ok and not _takes_eta(s.scheduler):
+            err(f"regularizers.random_eta_range needs a sampler that takes an eta (sampling.scheduler = \"auto\", "
+                f"\"ddim\", \"euler_a\" or a sigma-list name), got {s.scheduler!r}")
     if len(c.optim.betas) != 2 or not all(0 <= b < 1 for b in c.optim.betas):
         err(f"optim.betas must be [beta1, beta2] with each in [0, 1), got {c.optim.betas}")
     if s.scheduler not in schedulers_ok:
         err(not_one_of("sampling.scheduler", s.scheduler, schedulers_ok))
-    elif s.eta > 0 and s.scheduler != "ddim":
-        err(f"sampling.eta = {s.eta} applies to the ddim scheduler only (sampling.scheduler = {s.scheduler!r})")
+    elif s.eta > 0 and not _takes_eta(s.scheduler):
+        err(f"sampling.eta = {s.eta} needs a sampler that takes an eta (\"auto\", \"ddim\", \"euler_a\" or a "
+            f"sigma-list name), not sampling.scheduler = {s.scheduler!r}")
     if c.validation.every > 0 and not c.validation.seeds:
         err("validation.seeds is empty; give at least one seed or set validation.every = 0")
     if not check_inputs:

@@ -40,8 +40,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..atomic_io import write_image_atomic, write_text_atomic
-from ..lora import add_lora
-from ..lora_io import kohya_metadata, save_lora_safetensors, unet_lora_to_kohya
+from ..lora import DEFAULT_SD_TARGETS, add_lora
+from ..lora_io import kohya_metadata, lora_rank_alpha, network_lora_tensors, save_lora_safetensors
 from .checkpoint import (CheckpointManager, capture_rng_state, check_output_dir, estimate_checkpoint_bytes,
                          restore_rng_state)
 from .config import ConfigError, TrainConfig, config_hash, to_toml
@@ -133,6 +133,27 @@ def build_reward(config: TrainConfig, *, device: torch.device, dtype: torch.dtyp
     return CombinedReward(models, weights, norms)
 
 
+def model_family(backbone: Any) -> str:
+    """``sd15``, ``sdxl``, ``sd3`` or ``flux`` (a backbone's ``kind`` attribute when it has one), for logs and metadata."""
+    kind = getattr(backbone, "kind", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    if getattr(backbone, "is_sdxl", False):
+        return "sdxl"
+    return "sd3" if getattr(getattr(backbone, "model_sampling", None), "is_flow", False) else "sd15"
+
+
+def lora_targets(config: TrainConfig, backbone: Any) -> list[str]:
+    """``lora.target_modules``, or the backbone's default attention projections when it is empty: a UNet's
+    ``to_q/to_k/to_v/to_out.0`` (:data:`rdt_lib.lora.DEFAULT_SD_TARGETS`); an SD3 / Flux transformer's
+    ``lora_targets`` (:data:`rdt_lib.backbones.flow.FLOW_LORA_TARGETS`), which add the text stream's
+    ``add_q_proj/add_k_proj/add_v_proj/to_add_out``: in these joint-attention models the prompt reaches the image
+    only through the joint attention (no cross-attention), so image-stream projections alone could not change how
+    the prompt tokens are projected; diffusers' SD3 LoRA script trains the same eight, and ComfyUI maps all of them
+    (``comfy.utils.mmdit_to_diffusers``)."""
+    return list(config.lora.target_modules) or list(getattr(backbone, "lora_targets", None) or DEFAULT_SD_TARGETS)
+
+
 def build_objective(config: TrainConfig):
     """The objective of ``config.run.objective`` with the objective, sampling and regulariser settings."""
     from ..objectives import DraftK, DraftLV, ImageReFL, ReFL
@@ -147,7 +168,7 @@ def build_objective(config: TrainConfig):
     )
     name = config.run.objective
     if name == "draft":
-        return DraftK(k=None if o.k == "all" else int(o.k), **common)
+        return DraftK(k=None if o.k == "all" else int(o.k), intermediate_weight=o.intermediate_weight, **common)
     if name == "draft-lv":
         return DraftLV(n=o.lv_n, **common)
     if name == "refl":
@@ -253,7 +274,7 @@ def build_run(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed)
             add_lora(backbone.network, ADAPTER, rank=config.lora.rank, alpha=config.lora.alpha,
-                     target_modules=list(config.lora.target_modules), dropout=config.lora.dropout,
+                     target_modules=lora_targets(config, backbone), dropout=config.lora.dropout,
                      init_lora_weights="gaussian" if config.lora.init == "gaussian" else True)
     if config.optim.gradient_checkpointing:
         backbone.network.enable_gradient_checkpointing()
@@ -272,7 +293,7 @@ def build_run(
                             settings=TrainerSettings.from_config(config), accelerator=acc)
     n_params = sum(p.numel() for p in trainer.param_list)
     o = config.optim
-    kind = "sdxl" if getattr(backbone, "is_sdxl", False) else "sd15"
+    kind = model_family(backbone)
     say(f"model {config.model.path or type(backbone).__name__} ({kind}, {device}), LoRA rank {config.lora.rank}: "
         f"{n_params:,} trainable parameters; objective {config.run.objective}; rewards "
         f"{', '.join(r.name for r in config.rewards)}; {len(data)} training items; {acc.num_processes} "
@@ -401,11 +422,12 @@ def export_lora(trainer: RewardTrainer, config: TrainConfig, backbone, path: Pat
     """Write the trained (EMA when on) LoRA as kohya-format safetensors with metadata."""
     state = trainer.lora_state(ema=True)
     dtype = _DTYPES[config.checkpoint.lora_dtype]
-    tensors = unet_lora_to_kohya(backbone.network, ADAPTER, state_dict=state, dtype=dtype)
+    tensors = network_lora_tensors(backbone.network, ADAPTER, state_dict=state, dtype=dtype)
     rewards = [{"name": r.name, "weight": r.weight, "scale": r.scale, "offset": r.offset} for r in config.rewards]
+    rank, alpha = lora_rank_alpha(tensors)  # a transformer file has the scale folded in: alpha = rank
     meta = kohya_metadata(
-        rank=config.lora.rank, alpha=config.lora.alpha,
-        base_model_version="sdxl_base_v1-0" if getattr(backbone, "is_sdxl", False) else "sd_v1",
+        rank=rank, alpha=alpha,
+        base_model_version={"sdxl": "sdxl_base_v1-0", "sd3": "sd3"}.get(model_family(backbone), "sd_v1"),
         extra={
             "ss_steps": str(trainer.step_count),
             "ss_output_name": config.run.output_name,
@@ -417,7 +439,8 @@ def export_lora(trainer: RewardTrainer, config: TrainConfig, backbone, path: Pat
             "rdt_base_model": config.model.path,
             "rdt_steps": str(trainer.step_count),
             "rdt_ema": "true" if trainer.ema is not None else "false",
-            "rdt_target_modules": json.dumps(list(config.lora.target_modules)),
+            "rdt_target_modules": json.dumps(lora_targets(config, backbone)),
+            "rdt_lora_alpha": repr(float(config.lora.alpha)),
             "rdt_regularizers": json.dumps({"kl_coeff": config.regularizers.kl_coeff,
                                             "l2_init_coeff": config.regularizers.l2_init_coeff,
                                             "random_eta_range": list(config.regularizers.random_eta_range),
