@@ -151,15 +151,19 @@ def test_single_copy_lora_equals_merged_copy(tmp_path):
     base_pipe = copy.copy(pipe)
     base_pipe.register_modules(unet=base_unet)
     two_base, two_tuned = StableDiffusionBackbone.from_pipeline(base_pipe), StableDiffusionBackbone.from_pipeline(merged_pipe)
+    base_only = sample(two_base, PROMPTS, num_steps=STEPS, decode=False).latents
     for schedule in ["linear", "switch@0.5"]:
         one = sample(bb, PROMPTS, tuned=ModelBranch(bb, "tuned"), schedule=schedule, num_steps=STEPS, decode=False).latents
         two = sample(two_base, PROMPTS, tuned=ModelBranch(two_tuned), schedule=schedule, num_steps=STEPS, decode=False).latents
-        torch.testing.assert_close(one, two, rtol=0, atol=1e-5)
+        # merged weights round differently from base + up @ down in float32: the tolerance scales with the latents
+        tol = 2e-6 * max(1.0, float(two.abs().max()))
+        assert (two - base_only).abs().max() > 100 * tol  # the LoRA matters far beyond the tolerance
+        torch.testing.assert_close(one, two, rtol=0, atol=tol)
     # and the batched joint pass equals two separate passes
     one_sep = sample(bb, PROMPTS, tuned=ModelBranch(bb, "tuned"), schedule="linear", num_steps=STEPS, decode=False,
                      batched=False).latents
     joint = sample(bb, PROMPTS, tuned=ModelBranch(bb, "tuned"), schedule="linear", num_steps=STEPS, decode=False).latents
-    torch.testing.assert_close(joint, one_sep, rtol=0, atol=1e-5)
+    torch.testing.assert_close(joint, one_sep, rtol=0, atol=2e-6 * max(1.0, float(one_sep.abs().max())))
 
 
 @pytest.mark.parametrize("sdxl", [False, True])

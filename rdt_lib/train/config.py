@@ -10,7 +10,6 @@ constraints, and reports every problem at once as a :class:`ConfigError`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
