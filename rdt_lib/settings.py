@@ -18,6 +18,7 @@ from the root model, its preset folder and its registries of accepted names offe
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import hashlib
@@ -490,3 +491,21 @@ class SettingsSchema:
                 close = difflib.get_close_matches(item, presets, n=1, cutoff=0.5)
                 raise ConfigError(f"--config {item!r} is neither a config file nor a preset; presets: "
                                   f"{', '.join(presets)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+    # -------------------------------------------------------------------------------------------- command line
+    def argument_parser(self, description: str, *, set_example: str) -> argparse.ArgumentParser:
+        """The command's parser with the options every settings-driven command shares: ``--config`` (files or
+        presets, repeatable), ``--set`` (``set_example`` shows one), ``--print-config``, ``--list-presets``,
+        ``--debug``; ``--help`` ends with every key (:meth:`format_help`). Commands add their own options."""
+        parser = argparse.ArgumentParser(prog=self.program, description=description, epilog=self.format_help(),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                            help="TOML/YAML config file or preset name; repeat to merge (later wins)")
+        parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                            help=f"override one key, e.g. {set_example}")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved configuration as TOML and exit")
+        parser.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
+        parser.add_argument("--debug", action="store_true",
+                            help="show the traceback of errors too (or set RDT_DEBUG=1)")
+        return parser

@@ -26,8 +26,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import InputError, MissingFileError, ModelLoadError, as_user_error, hub_unreachable, one_line
+from ..errors import InputError, MissingFileError, as_user_error, one_line
 from .base import Backbone
+from .pipelines import checkpoint_keys, dtype_kwarg, pipeline_from_pretrained
 from .vae import decode_latents, encode_images
 
 __all__ = ["FlowMatchingBackbone", "FLOW_LORA_TARGETS", "detect_flow_kind", "FLOW_KINDS"]
@@ -122,20 +123,9 @@ class FlowMatchingBackbone(Backbone):
         ``t5``: load the T5 text encoder (SD3 only may leave it out: its prompt tokens are then zeros, as diffusers
         does with ``text_encoder_3=None``). ``kwargs`` go to diffusers' ``from_pretrained``.
         """
-        from .stable_diffusion import _dtype_kwarg
-
         extra = {**cls._component_overrides(t5), **kwargs}
-        try:
-            pipe = cls._pipeline_class().from_pretrained(str(path_or_id), **_dtype_kwarg(dtype), **extra)
-        except (OSError, ValueError) as err:
-            local = Path(path_or_id).expanduser().exists()
-            why = ("it is not a local path and the Hugging Face hub cannot be reached from here (offline?) nor is "
-                   "it in the local cache" if hub_unreachable(err) and not local else one_line(err))
-            raise ModelLoadError(
-                f"could not load a diffusers {cls.kind} model from {str(path_or_id)!r}: {why}; give a local diffusers "
-                "directory (with model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/), a "
-                "single .safetensors checkpoint, or a hub id reachable from this machine (or download it first)"
-            ) from err
+        pipe = pipeline_from_pretrained(cls._pipeline_class(), path_or_id, what=f"{cls.kind} model", dtype=dtype,
+                                        layout="transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/", **extra)
         if device is not None:
             pipe.to(device)
         return cls(pipe)
@@ -162,10 +152,8 @@ class FlowMatchingBackbone(Backbone):
         if not p.is_file():
             raise MissingFileError(f"checkpoint file {str(p)!r} does not exist")
         if p.suffix.lower() == ".safetensors":
-            from .stable_diffusion import _checkpoint_keys
-
             with as_user_error():
-                keys = _checkpoint_keys(p)
+                keys = checkpoint_keys(p)
             found = detect_flow_kind(keys)
             if found != cls.kind:
                 what = f"a {found} checkpoint" if found else "not an SD3 / Flux checkpoint"
@@ -187,10 +175,8 @@ class FlowMatchingBackbone(Backbone):
             else:
                 extra["config"] = str(config)
         extra.update(kwargs)
-        from .stable_diffusion import _dtype_kwarg
-
         try:
-            pipe = cls._pipeline_class().from_single_file(str(p), **_dtype_kwarg(dtype), **extra)
+            pipe = cls._pipeline_class().from_single_file(str(p), **dtype_kwarg(dtype), **extra)
         except Exception as err:  # diffusers raises several error types here
             raise InputError(
                 f"could not load {str(p)!r} as a single-file {cls.kind} checkpoint: {one_line(err)}; offline, pass "

@@ -38,13 +38,14 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
     ``_class_name`` / components), a single-file checkpoint (its keys) or a hub id (``sd3`` / ``flux`` when the id
     names them, else as :func:`~rdt_lib.backbones.stable_diffusion.detect_sd_kind` guesses)."""
     from .flow import detect_flow_kind
-    from .stable_diffusion import _checkpoint_keys, detect_sd_kind
+    from .pipelines import checkpoint_keys
+    from .stable_diffusion import detect_sd_kind
 
     local = Path(path).expanduser()
     if local.is_dir():
         return detect_flow_kind(local) or detect_sd_kind(local)
     if local.is_file():
-        keys = _checkpoint_keys(local)
+        keys = checkpoint_keys(local)
         return detect_flow_kind(keys) or detect_sd_kind(keys)
     name = str(path).lower()
     if "stable-diffusion-3" in name or "sd3" in name:

@@ -16,22 +16,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import InputError, MissingFileError, ModelLoadError, as_user_error, hub_unreachable, one_line
+from ..errors import InputError, MissingFileError, as_user_error, one_line
 from .base import Backbone, Conditioning
+from .pipelines import checkpoint_keys, dtype_kwarg, pipeline_from_pretrained
 from .vae import decode_latents, encode_images
 
 __all__ = ["StableDiffusionBackbone", "detect_sd_kind"]
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """diffusers renamed ``torch_dtype`` to ``dtype``; pass whichever the installed version reads."""
-    try:
-        from diffusers.utils import deprecation_utils
-
-        renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
-    except ImportError:  # pragma: no cover - very old diffusers
-        renamed = False
-    return {"dtype": dtype} if renamed else {"torch_dtype": dtype}
 
 
 class StableDiffusionBackbone(Backbone):
@@ -77,17 +67,8 @@ class StableDiffusionBackbone(Backbone):
 
         pipe_cls = _pipeline_class(kind, path_or_id)
         extra = {"safety_checker": None} if pipe_cls is StableDiffusionPipeline else {}
-        try:
-            pipe = pipe_cls.from_pretrained(str(path_or_id), **_dtype_kwarg(dtype), **extra, **kwargs)
-        except (OSError, ValueError) as err:
-            local = Path(path_or_id).expanduser().exists()
-            why = ("it is not a local path and the Hugging Face hub cannot be reached from here (offline?) nor is "
-                   "it in the local cache" if hub_unreachable(err) and not local else one_line(err))
-            raise ModelLoadError(
-                f"could not load a diffusers model from {str(path_or_id)!r}: {why}; give a local diffusers "
-                "directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single "
-                ".safetensors checkpoint, or a hub id reachable from this machine (or download it first)"
-            ) from err
+        pipe = pipeline_from_pretrained(pipe_cls, path_or_id, what="model", dtype=dtype, **extra, **kwargs,
+                                        layout="unet/, vae/, text_encoder/, tokenizer/, scheduler/")
         if device is not None:
             pipe.to(device)
         return cls(pipe)
@@ -141,7 +122,7 @@ class StableDiffusionBackbone(Backbone):
                 extra["config"] = str(config)  # a hub id
         extra.update(kwargs)
         try:
-            pipe = pipe_cls.from_single_file(str(p), **_dtype_kwarg(dtype), **extra)
+            pipe = pipe_cls.from_single_file(str(p), **dtype_kwarg(dtype), **extra)
         except Exception as err:  # diffusers raises several error types here
             if "meta tensor" in str(err):  # weights the file lacks stay uninitialised and cannot be cast/moved
                 raise InputError(
@@ -256,7 +237,7 @@ def detect_sd_kind(source: Any) -> str:
                 raise FileNotFoundError(f"{str(path)!r} is a directory without model_index.json (not a diffusers model)")
             return "sdxl" if "text_encoder_2" in json.loads(index.read_text()) else "sd15"
         if path.is_file():
-            return detect_sd_kind(_checkpoint_keys(path))
+            return detect_sd_kind(checkpoint_keys(path))
         return "sdxl" if "xl" in str(source).lower() else "sd15"
     if isinstance(source, Mapping):
         source = source.keys()
@@ -266,25 +247,10 @@ def detect_sd_kind(source: Any) -> str:
                      "UNet, checkpoint path, diffusers directory or checkpoint keys")
 
 
-def _checkpoint_keys(path: Path) -> list[str]:
-    """Tensor names of a single-file checkpoint (``.safetensors`` read lazily; others with ``torch.load``)."""
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                return list(fh.keys())
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a checkpoint at all (truncated, another format renamed ...)
-        what = ".safetensors file" if path.suffix.lower() == ".safetensors" else "checkpoint file"
-        raise ValueError(f"{str(path)!r} is not a readable {what}: {err}") from err
-    return list(sd.get("state_dict", sd)) if isinstance(sd, Mapping) else []
-
-
 # ---- single-file checks ---------------------------------------------------------------------------------
 def _check_single_file_keys(path: Path, kind: str) -> None:
     """Fail early, with a clear message, on a .safetensors file that is not a full SD checkpoint of ``kind``."""
-    keys = _checkpoint_keys(path)
+    keys = checkpoint_keys(path)
     if not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
         sample = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
         raise ValueError(

@@ -25,23 +25,12 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import format_help
+    from .config import SCHEMA
 
-    parser = argparse.ArgumentParser(
-        prog="python -m rdt_lib.eval",
-        description="Sweep base / tuned / combined-generation / AIG / LoRA-scaling schedules, score the images "
-                    "(rewards, DINO diversity, Vendi, spectral distance) and draw the reward-diversity Pareto front.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=format_help(),
-    )
-    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
-                        help="TOML/YAML config file or preset name; repeat to merge (later wins)")
-    parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override one key, e.g. --set prompts.images_per_prompt=8 --set rewards.0.name=hpsv2.1")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
-    parser.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of errors too (or set RDT_DEBUG=1)")
-    return parser
+    return SCHEMA.argument_parser(
+        "Sweep base / tuned / combined-generation / AIG / LoRA-scaling schedules, score the images (rewards, DINO "
+        "diversity, Vendi, spectral distance) and draw the reward-diversity Pareto front.",
+        set_example="--set prompts.images_per_prompt=8 --set rewards.0.name=hpsv2.1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,26 +28,14 @@ EXIT_CONFIG, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import format_help
+    from .config import SCHEMA
 
-    parser = argparse.ArgumentParser(
-        prog="python -m rdt_lib.train",
-        description="LoRA reward fine-tuning of Stable Diffusion (DRaFT-K / DRaFT-LV / DRaFT+, ReFL, ImageReFL, "
-                    "R0-style regularisers).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=format_help(),
-    )
-    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
-                        help="TOML/YAML config file or preset name; repeat to merge (later wins)")
-    parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override one key, e.g. --set optim.lr=1e-4 --set rewards.0.name=hpsv2.1")
+    parser = SCHEMA.argument_parser(
+        "LoRA reward fine-tuning of Stable Diffusion, SD3 and Flux (DRaFT-K / DRaFT-LV / DRaFT+, ReFL, ImageReFL, "
+        "R0-style regularisers, R0+ intermediate supervision).",
+        set_example="--set optim.lr=1e-4 --set rewards.0.name=hpsv2.1")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|DIR",
                         help="continue from the newest checkpoint in run.output_dir (default) or from DIR")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration as TOML and exit")
-    parser.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of errors too (or set RDT_DEBUG=1)")
     return parser
 
 
