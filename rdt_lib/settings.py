@@ -172,6 +172,43 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 CrossChecks = Callable[..., list[str]]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# registries of accepted names, shared by every command's settings (``S(..., names="schedulers")``)
+
+
+def model_kinds() -> tuple[str, ...]:
+    """Architectures :func:`rdt_lib.backbones.loading.load_backbone` accepts (its registry)."""
+    from .backbones.loading import MODEL_KINDS
+
+    return tuple(MODEL_KINDS)
+
+
+def reward_names() -> tuple[str, ...]:
+    """The reward names of the reward registry (:func:`rdt_lib.rewards.available`)."""
+    from .rewards import available
+
+    return tuple(available())
+
+
+def sampler_names() -> tuple[str, ...]:
+    """Sampler (step rule) names of :mod:`rdt_lib.sampling`."""
+    from .sampling import SAMPLERS
+
+    return tuple(SAMPLERS)
+
+
+def scheduler_names() -> tuple[str, ...]:
+    """Sigma-list names (and the legacy combined names, and ``auto``) of :mod:`rdt_lib.sampling`."""
+    from .sampling import SCHEDULERS
+
+    return tuple(SCHEDULERS)
+
+
+NAME_REGISTRIES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "model_kinds": model_kinds, "rewards": reward_names, "samplers": sampler_names, "schedulers": scheduler_names}
+"""The registries a setting's ``names=`` can refer to; the default ``name_lists`` of :class:`SettingsSchema`."""
+
+
 class SettingsSchema:
     """The configuration machinery of one command, built from its declarations.
 
@@ -192,7 +229,7 @@ class SettingsSchema:
                  program: str = "", title: str = "", list_defaults: Mapping[str, str] | None = None) -> None:
         self.root = root
         self.preset_dir = Path(preset_dir)
-        self.name_lists = dict(name_lists or {})
+        self.name_lists = dict(NAME_REGISTRIES if name_lists is None else name_lists)
         self.cross_checks = cross_checks
         self.synonyms = dict(synonyms or {})
         self.program = program

@@ -14,7 +14,8 @@ from typing import Literal, Optional, Sequence
 
 from pydantic import Field
 
-from ..settings import ConfigError, S, Section, SettingsSchema, looks_local, not_one_of
+from ..settings import (ConfigError, S, Section, SettingsSchema, looks_local, model_kinds, not_one_of, reward_names,
+                        sampler_names, scheduler_names)
 
 __all__ = ["ConfigError", "EvalConfig", "SCHEMA", "DEFAULT_SCHEDULES", "load_config", "format_help", "to_toml", "list_presets",
            "PRESET_DIR", "model_kinds", "reward_names", "sampler_names", "scheduler_names"]
@@ -25,31 +26,6 @@ DEFAULT_SCHEDULES: tuple[str, ...] = ("base", "tuned", "switch@0.5", "switch@0.7
                                       "lora:0.5", "lora:0.75")
 """The schedules swept by default: both models alone, combined generation at half and three quarters of the
 steps, AIG (linear, power 2 and 4), and the "LoRA scaling" baseline (the tuned LoRA at strength 0.5 and 0.75)."""
-
-
-def model_kinds() -> tuple[str, ...]:
-    """Architectures :func:`rdt_lib.backbones.loading.load_backbone` accepts (its registry)."""
-    from ..backbones.loading import MODEL_KINDS
-
-    return tuple(MODEL_KINDS)
-
-
-def reward_names() -> tuple[str, ...]:
-    from ..rewards import available
-
-    return tuple(available())
-
-
-def sampler_names() -> tuple[str, ...]:
-    from ..sampling import SAMPLERS
-
-    return tuple(SAMPLERS)
-
-
-def scheduler_names() -> tuple[str, ...]:
-    from ..sampling import SCHEDULERS
-
-    return tuple(SCHEDULERS)
 
 
 class RunSection(Section):
@@ -168,8 +144,6 @@ class EvalConfig(Section):
     report: ReportSection = Field(default_factory=ReportSection)
 
 
-_NAME_LISTS = {"model_kinds": model_kinds, "rewards": reward_names, "samplers": sampler_names,
-               "schedulers": scheduler_names}
 
 _SYNONYMS = {
     "num_inference_steps": "sampling.steps", "guidance_scale": "model.cfg_scale", "lora": "tuned.path",
@@ -263,7 +237,7 @@ def _cross_checks(c: EvalConfig, check_inputs: bool = True) -> list[str]:
 
 
 SCHEMA = SettingsSchema(
-    EvalConfig, preset_dir=PRESET_DIR, name_lists=_NAME_LISTS, cross_checks=_cross_checks, synonyms=_SYNONYMS,
+    EvalConfig, preset_dir=PRESET_DIR, cross_checks=_cross_checks, synonyms=_SYNONYMS,
     program="python -m rdt_lib.eval", title="rdt evaluation sweep configuration",
     list_defaults={"rewards": "one pickscore reward"},
 )

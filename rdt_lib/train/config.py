@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import Field
 
-from ..settings import (ConfigError, S, Section, SettingSpec, SettingsSchema, looks_local, not_one_of,
-                        parse_override)
+from ..settings import (ConfigError, S, Section, SettingSpec, SettingsSchema, looks_local, model_kinds, not_one_of,
+                        parse_override, reward_names, scheduler_names)
 
 __all__ = [
     "ConfigError", "OBJECTIVES", "PRESET_DIR", "SettingSpec", "TrainConfig", "RewardConfig", "SCHEMA",
@@ -30,23 +30,6 @@ OBJECTIVES: tuple[str, ...] = ("draft", "draft-lv", "refl", "imagerefl")
 """Accepted ``run.objective`` values (DRaFT+ is ``draft`` with ``regularizers.kl_coeff > 0``)."""
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-
-
-def scheduler_names() -> tuple[str, ...]:
-    """The training sampler names (the sampling registry's; the one line to change when it moves)."""
-    from ..sampling import SCHEDULERS
-
-    return tuple(SCHEDULERS)
-
-
-def reward_names() -> tuple[str, ...]:
-    """The reward names of the reward registry (:func:`rdt_lib.rewards.available`)."""
-    from ..rewards import available
-
-    return tuple(available())
-
-
-_NAME_LISTS: dict[str, Callable[[], tuple[str, ...]]] = {"schedulers": scheduler_names, "rewards": reward_names}
 
 
 class RunConfig(Section):
@@ -69,9 +52,8 @@ class ModelConfig(Section):
 
     path: str = S("", "diffusers directory, single-file checkpoint (.safetensors, e.g. from ComfyUI "
                       "models/checkpoints) or Hugging Face hub id")
-    kind: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = S(
-        "auto", "architecture: sd15, sdxl, sd3 (SD3 / SD3.5, rectified flow), flux (FLUX.1, rectified flow, "
-        "guidance-distilled), or auto (detected from the weights)")
+    kind: str = S("auto", "architecture: sd15, sdxl, sd3 (SD3 / SD3.5, rectified flow), flux (FLUX.1, rectified flow, "
+                          "guidance-distilled), or auto (detected from the weights)", names="model_kinds")
     resolution: int = S(0, "training image size in pixels (a multiple of 8; SD3: of 16); 0 = native (512 SD1.5, "
                            "1024 SDXL and SD3)", ge=0)
     single_file_config: str = S("", "single-file checkpoints: a local diffusers directory of the same architecture "
@@ -266,6 +248,8 @@ def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None = None,
         err("run.output_dir is empty")
     if not c.run.output_name or any(ch in c.run.output_name for ch in "/\\"):
         err(f"run.output_name must be a plain file stem without slashes, got {c.run.output_name!r}")
+    if c.model.kind not in model_kinds():
+        err(not_one_of("model.kind", c.model.kind, model_kinds()))
     if c.model.resolution % 8:
         err(f"model.resolution must be 0 (native) or a multiple of 8, got {c.model.resolution}")
     if obj == "draft" and isinstance(o.k, int) and o.k > o.num_steps:
@@ -342,7 +326,7 @@ def _cross_checks(c: TrainConfig, known_rewards: Iterable[str] | None = None,
 # the trainer's settings schema and its module-level API (names other modules and tests import)
 
 SCHEMA = SettingsSchema(
-    TrainConfig, preset_dir=PRESET_DIR, name_lists=_NAME_LISTS, cross_checks=_cross_checks, synonyms=_SYNONYMS,
+    TrainConfig, preset_dir=PRESET_DIR, cross_checks=_cross_checks, synonyms=_SYNONYMS,
     program="python -m rdt_lib.train", title="rdt reward-trainer configuration",
     list_defaults={"rewards": "one pickscore reward"},
 )
