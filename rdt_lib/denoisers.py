@@ -30,7 +30,7 @@ class ModelBranch:
         adapter: the LoRA adapter active for this model; ``None`` = the network's base weights
             (all adapters disabled). A full fine-tune is a separate backbone with ``adapter=None``.
         cfg_scale: classifier-free guidance scale for this model (1 = conditional prediction only, no
-            unconditional pass); ``None`` takes the backbone's usual scale (7.5 SD1.5, 5 SDXL, 1 toy).
+            unconditional pass); ``None`` takes the backbone's usual scale (7.5 SD1.5, 5 SDXL, 7 SD3, 1 Flux and the toy).
         lora_scale: multiplier of the adapter's contribution (the "LoRA scaling" baseline; 1 = as trained).
     """
 

@@ -323,3 +323,48 @@ def test_report_page_shows_the_plot_and_the_grids_in_chromium(first_run):
     assert "pareto.png" in srcs and sum(s.startswith("grids/") for s in srcs) == len(SCHEDULES)
     assert all(complete and width > 0 for complete, width in srcs.values()), srcs
     assert rows == len(SCHEDULES)
+
+
+def test_sd3_sweep_reads_a_flow_lora_and_samples_every_schedule(tmp_path, monkeypatch):
+    """The sweep on a flow model (issue 15): a tiny SD3 base and the SD3 LoRA file rdt writes; every schedule's
+    images equal ``sample()`` on the in-memory adapter that wrote the file (base, tuned, AIG linear)."""
+    from flow_fixtures import make_tiny_sd3_pipeline, save_pipeline
+    from rdt_lib.backbones.flow import FLOW_LORA_TARGETS
+    from rdt_lib.backbones.loading import load_backbone
+    from rdt_lib.denoisers import ModelBranch
+    from rdt_lib.lora import add_lora
+    from rdt_lib.lora_io import save_lora
+
+    model = save_pipeline(make_tiny_sd3_pipeline(tmp_path / "tok"), tmp_path / "sd3")
+    writer = load_backbone(model, kind="sd3")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        add_lora(writer.network, "tuned", rank=2, alpha=2, init_lora_weights="gaussian",
+                 target_modules=FLOW_LORA_TARGETS)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in writer.network.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    lora = save_lora(writer.network, tmp_path / "sd3_lora.safetensors", "tuned")
+
+    recorder = Recorder()
+    monkeypatch.setattr("rdt_lib.eval.sweep.sample", recorder)
+    config = eval_config(tmp_path / "run", **{"model.path": str(model), "model.kind": "sd3", "tuned.path": str(lora),
+                                              "schedules.names": ["base", "tuned", "linear"], "prompts.text": ["a cat"],
+                                              "sampling.sampler": "euler", "sampling.resolution": 32})
+    run_sweep(config, log=lambda msg: None)
+    images = {c[0]: c[3] for c in recorder.calls}
+    rows = _rows(tmp_path / "run" / "results.csv")
+    assert [r["name"] for r in rows] == ["base", "tuned", "linear"]
+    assert all(math.isfinite(float(r["aesthetic"])) for r in rows)
+
+    def reference(schedule: str) -> torch.Tensor:
+        return sample(ModelBranch(writer, cfg_scale=2.0), ["a cat", "a cat"], seeds=[0, 1],
+                      tuned=ModelBranch(writer, "tuned", cfg_scale=2.0), schedule=schedule, sampler="euler",
+                      scheduler="normal", num_steps=2, height=32, width=32).images
+
+    refs = {s: reference(s) for s in ("base", "tuned", "linear")}
+    assert (refs["tuned"] - refs["base"]).abs().max() > 0.02  # the LoRA changes the images far beyond the tolerance
+    for schedule, ref in refs.items():
+        torch.testing.assert_close(images[schedule], ref, atol=1e-4, rtol=0, msg=schedule)

@@ -50,7 +50,8 @@ class BaseModelSection(Section):
                                     "directory of the same architecture to take component configs and tokenizers "
                                     "from ('' = fetch them from the hub)")
     cfg_scale: Optional[float] = S(None, "classifier-free guidance scale of the base model (<= 1 = none); unset = "
-                                         "the model's default (7.5 SD1.5, 5 SDXL)", ge=0)
+                                         "the model's default (7.5 SD1.5, 5 SDXL, 7 SD3, 1 Flux: its guidance is a "
+                                         "network input)", ge=0)
 
 
 class TunedModelSection(Section):
@@ -89,7 +90,8 @@ class SamplingSection(Section):
     scheduler: str = S("normal", "sigma list (or a legacy combined name such as dpmpp_2m_karras)",
                        names="schedulers")
     steps: int = S(25, "sampling steps", ge=1)
-    resolution: int = S(0, "image size in pixels (a multiple of 8); 0 = native (512 SD1.5, 1024 SDXL)", ge=0)
+    resolution: int = S(0, "image size in pixels (a multiple of 8; SD3 and Flux: of 16); 0 = native (512 SD1.5, "
+                           "1024 SDXL, SD3 and Flux)", ge=0)
     negative_prompt: str = S("", "negative prompt for classifier-free guidance")
     eta: Optional[float] = S(None, "noise of the stochastic samplers (unset = their default)", ge=0)
 
