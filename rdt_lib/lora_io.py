@@ -64,6 +64,7 @@ __all__ = [
     "unet_lora_to_kohya",
     "transformer_lora_to_diffusers",
     "lora_layout",
+    "base_model_version_of",
     "network_lora_tensors",
     "save_lora",
     "load_lora",
@@ -241,6 +242,19 @@ def lora_layout(network: torch.nn.Module) -> str:
     return "kohya_unet"
 
 
+def base_model_version_of(network: torch.nn.Module) -> str:
+    """kohya's ``ss_base_model_version`` for the denoiser a LoRA was trained on: ``"sdxl_base_v1-0"`` for an SDXL
+    UNet (``addition_embed_type == "text_time"``), ``"sd3"`` / ``"flux1"`` for the SD3 / Flux transformers, else
+    ``"sd_v1"``."""
+    name = type(network).__name__
+    if name.startswith("SD3"):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux1"
+    config = getattr(network, "config", None)
+    return "sdxl_base_v1-0" if getattr(config, "addition_embed_type", None) == "text_time" else "sd_v1"
+
+
 def transformer_lora_to_diffusers(
     network: torch.nn.Module,
     adapter_name: str = "default",
@@ -304,7 +318,7 @@ def save_lora(
     state_dict: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, Any] | None = None,
-    base_model_version: str = "sd_v1",
+    base_model_version: str | None = None,
 ) -> Path:
     """Write the adapter ``adapter_name`` of ``network`` as a ``.safetensors`` file (atomically): kohya keys for a
     UNet, diffusers keys for an SD3 / Flux transformer (:func:`network_lora_tensors`).
@@ -314,14 +328,16 @@ def save_lora(
         path: the file to write; its folder is created.
         state_dict, dtype: see :func:`unet_lora_to_kohya`.
         metadata: extra metadata entries (values become strings), added to the kohya ``ss_*`` fields.
-        base_model_version: kohya's ``ss_base_model_version`` (``"sd_v1"``, ``"sdxl_base_v1-0"``).
+        base_model_version: kohya's ``ss_base_model_version`` (``"sd_v1"``, ``"sdxl_base_v1-0"``, ``"sd3"``);
+            ``None`` = from the network (:func:`base_model_version_of`).
 
     Returns:
         The path written.
     """
     tensors = network_lora_tensors(network, adapter_name, state_dict=state_dict, dtype=dtype)
     rank, alpha = lora_rank_alpha(tensors)
-    meta = kohya_metadata(rank=rank, alpha=alpha, base_model_version=base_model_version, extra=metadata)
+    version = base_model_version or base_model_version_of(network)
+    meta = kohya_metadata(rank=rank, alpha=alpha, base_model_version=version, extra=metadata)
     return save_lora_safetensors(path, tensors, meta)
 
 

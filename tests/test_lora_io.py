@@ -676,3 +676,23 @@ def test_save_lora_metadata(tmp_path):
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_steps"] == "3"
     assert json.loads(meta["rdt_rewards"]) == [{"name": "aesthetic"}]
     assert lora_io.load_lora_safetensors(path)[0].keys() == unet_lora_to_kohya(unet, ADAPTER).keys()
+
+
+@pytest.mark.parametrize("family, expected", [("sd15", "sd_v1"), ("sdxl", "sdxl_base_v1-0"), ("sd3", "sd3")])
+def test_save_lora_records_the_base_model_version_of_its_network(tmp_path, family, expected):
+    """kohya's ``ss_base_model_version`` follows the network the adapter sits on (A1111 / ComfyUI managers read it)."""
+    from rdt_lib.lora import add_lora
+
+    if family == "sd3":
+        from flow_fixtures import make_tiny_sd3_transformer
+        from rdt_lib.backbones.flow import FLOW_LORA_TARGETS
+
+        network, targets = make_tiny_sd3_transformer(), list(FLOW_LORA_TARGETS)
+    else:
+        network, targets = make_tiny_unet(sdxl=family == "sdxl"), ["to_q", "to_k", "to_v", "to_out.0"]
+    add_lora(network, "tuned", rank=2, alpha=2, target_modules=targets)
+    path = lora_io.save_lora(network, tmp_path / "lora.safetensors", "tuned")
+    _, meta = lora_io.load_lora_safetensors(path)
+    assert meta["ss_base_model_version"] == expected
+    explicit = lora_io.save_lora(network, tmp_path / "explicit.safetensors", "tuned", base_model_version="custom")
+    assert lora_io.load_lora_safetensors(explicit)[1]["ss_base_model_version"] == "custom"

@@ -41,7 +41,8 @@ import torch
 
 from ..atomic_io import write_image_atomic, write_text_atomic
 from ..lora import DEFAULT_SD_TARGETS, add_lora
-from ..lora_io import kohya_metadata, lora_rank_alpha, network_lora_tensors, save_lora_safetensors
+from ..lora_io import (base_model_version_of, kohya_metadata, lora_rank_alpha, network_lora_tensors,
+                      save_lora_safetensors)
 from .checkpoint import (CheckpointManager, capture_rng_state, check_output_dir, estimate_checkpoint_bytes,
                          restore_rng_state)
 from .config import ConfigError, TrainConfig, config_hash, to_toml
@@ -427,7 +428,7 @@ def export_lora(trainer: RewardTrainer, config: TrainConfig, backbone, path: Pat
     rank, alpha = lora_rank_alpha(tensors)  # a transformer file has the scale folded in: alpha = rank
     meta = kohya_metadata(
         rank=rank, alpha=alpha,
-        base_model_version={"sdxl": "sdxl_base_v1-0", "sd3": "sd3"}.get(model_family(backbone), "sd_v1"),
+        base_model_version=base_model_version_of(backbone.network),
         extra={
             "ss_steps": str(trainer.step_count),
             "ss_output_name": config.run.output_name,
