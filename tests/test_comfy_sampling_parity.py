@@ -87,7 +87,7 @@ COMFY_SCRIPT = textwrap.dedent('''
 def _comfy_env() -> tuple[str, str]:
     comfy_dir, python = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_PYTHON")
     if not comfy_dir:
-        pytest.skip("COMFYUI_DIR is unset (source /work/comfy_host.env to run the ComfyUI parity tests)")
+        pytest.skip("COMFYUI_DIR is unset: eval \"$(bash scripts/comfyui_host.sh)\" to run the ComfyUI parity tests")
     if not python or not Path(comfy_dir, "comfy", "samplers.py").is_file():
         pytest.fail(f"COMFYUI_DIR={comfy_dir!r} / COMFYUI_PYTHON={python!r} do not point at a ComfyUI tree and its Python")
     return comfy_dir, python

@@ -362,7 +362,7 @@ def test_real_comfyui_applies_every_written_key_with_the_adapters_effect(tmp_pat
 
     comfy_dir, comfy_python = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_PYTHON")
     if not comfy_dir or not comfy_python:
-        pytest.skip("needs a ComfyUI tree: source /work/comfy_host.env (COMFYUI_DIR, COMFYUI_PYTHON)")
+        pytest.skip("needs a ComfyUI tree: eval \"$(bash scripts/comfyui_host.sh)\" (COMFYUI_DIR, COMFYUI_PYTHON)")
     targets = _all_lora_modules(make_tiny_unet(sdxl=sdxl))
     unet = _lora_unet(sdxl, target_modules=targets, **PATTERNS)
     save_lora(unet, tmp_path / "lora.safetensors", ADAPTER)
