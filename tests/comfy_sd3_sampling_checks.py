@@ -10,7 +10,8 @@ LoRA file for it). Under ``torch.inference_mode()`` as ComfyUI's executor runs n
   fused weights);
 - references are ComfyUI's KSampler (``nodes.common_ksampler``) on each MODEL and the KSamplerAdvanced chain;
 - ours: ``RDTDualModelKSampler`` and ``RDTDualModelGuider`` + ``SamplerCustomAdvanced``, with the sigmas and tuned
-  weights each evaluation used recorded from the guider's mixer.
+  weights each evaluation used recorded from the guider's mixer, and the guider's plan (``rows``: one batched
+  pass; ``weights``: the weight-function fallback, also forced once).
 
 Conditioning is made by hand in SD3's shapes: ``c_crossattn`` ``[1, T, context dim]`` and ``pooled_output``.
 """
@@ -60,7 +61,7 @@ def main() -> None:
     from comfy_extras import nodes_custom_sampler as custom
     from safetensors.torch import load_file
 
-    from comfy_rdt_nodes import comfy_guider
+    from comfy_rdt_nodes import comfy_guider, lora_patches
     from comfy_rdt_nodes.nodes_sampling import RDTDualModelGuider, RDTDualModelKSampler
 
     recorded: list = []  # (sigma, w) of each evaluation of the last dual run
@@ -135,6 +136,18 @@ def main() -> None:
         out["one_step_mix_vs_hand"] = _maxdiff(mixed, (1 - w) * one_b + w * one_t)
         out["one_step_mix_vs_base"] = _maxdiff(mixed, one_b)
         out["one_step_mode"], out["one_step_evaluations"] = plans[-1][0], dict(plans[-1][1])
+
+        # ---- the same through the "weights" fallback (what offset patches took before the rows plan read offsets,
+        # and still take when they are not plain LoRAs on output rows): forced by hiding the offset LoRAs' terms
+        plain_term = lora_patches.low_rank_term
+        lora_patches.low_rank_term = lambda entry: None if entry[3] is not None else plain_term(entry)
+        try:
+            out["weights_one_step_mix_vs_hand"] = _maxdiff(dual(f"keyframes:0={w}", steps=1),
+                                                           (1 - w) * one_b + w * one_t)
+            out["weights_one_step_mode"] = plans[-1][0]
+            out["weights_tuned_vs_ksampler"] = _maxdiff(dual("tuned"), ksampler(tuned, CFG_TUNED))
+        finally:
+            lora_patches.low_rank_term = plain_term
 
         # ---- switch:K against ComfyUI's KSamplerAdvanced chain (base for K steps, then the tuned MODEL)
         k = 2

@@ -5,8 +5,10 @@ A tiny SD3 transformer (diffusers layout, 2 blocks of width 128 = ComfyUI's ``64
 by ComfyUI's own code in ComfyUI's Python (``tests/comfy_sd3_sampling_checks.py``): the base MODEL by
 ``comfy.sd.load_diffusion_model_state_dict`` (which fuses q / k / v), the tuned MODEL by ``LoraLoaderModelOnly``
 (whose SD3 key map puts the q / k / v LoRAs on slices of the fused weights: patches with an ``offset``).
-References are ComfyUI's KSampler on each MODEL and the KSamplerAdvanced chain; every comparison first asserts that
-the references differ by far more than its tolerance.
+The guider runs those offset patches as per-row LoRA terms on slices of the fused outputs (one batched pass for
+base and tuned, as on SD1.5); the weight-function fallback is checked too, forced. References are ComfyUI's KSampler
+on each MODEL and the KSamplerAdvanced chain; every comparison first asserts that the references differ by far more
+than its tolerance.
 """
 
 from __future__ import annotations
@@ -86,6 +88,17 @@ def test_one_euler_step_mixes_the_two_models_by_hand(checks):
     assert checks["one_step_ref_gap"] > 100 * TOL
     assert checks["one_step_mix_vs_hand"] <= TOL
     assert checks["one_step_mix_vs_base"] > 20 * TOL
+    # the offset patches run as per-row LoRA terms: base and tuned in one batched forward pass
+    assert checks["one_step_mode"] == "rows"
+    assert checks["one_step_evaluations"] == {"base": 0, "tuned": 0, "joint": 1}
+
+
+@pytest.mark.comfyui
+def test_the_weight_function_fallback_gives_the_same_on_sd3(checks):
+    """Patches the rows plan cannot take run through weight functions (two passes); forced here for the LoRA."""
+    assert checks["weights_one_step_mode"] == "weights"
+    assert checks["weights_one_step_mix_vs_hand"] <= TOL
+    assert checks["weights_tuned_vs_ksampler"] <= TOL
 
 
 @pytest.mark.comfyui
@@ -104,6 +117,8 @@ def test_flow_sigmas_drive_the_step_index(checks):
     assert checks["ksampler_sigmas"] == pytest.approx(expected, abs=1e-6)
     assert checks["linear_sigmas"] == pytest.approx(expected[:-1], abs=1e-6)
     assert checks["linear_weights"] == pytest.approx([i / STEPS for i in range(STEPS)], abs=1e-12)
+    assert checks["linear_mode"] == "rows"  # step 0 (w = 0) runs the base alone, the others one joint pass each
+    assert checks["linear_evaluations"] == {"base": 1, "tuned": 0, "joint": STEPS - 1}
 
 
 @pytest.mark.comfyui
