@@ -13,7 +13,8 @@ LoRA file for it). Under ``torch.inference_mode()`` as ComfyUI's executor runs n
   weights each evaluation used recorded from the guider's mixer, and the guider's plan (``rows``: one batched
   pass; ``weights``: the weight-function fallback, also forced once).
 
-Conditioning is made by hand in SD3's shapes: ``c_crossattn`` ``[1, T, context dim]`` and ``pooled_output``.
+Conditioning is made by hand in SD3's shapes: ``c_crossattn`` ``[1, T, context dim]`` (T differs between the
+positive and the negative) and ``pooled_output``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 SEED = 77
 STEPS = 4
 CFG_BASE, CFG_TUNED = 3.0, 2.0
-TOKENS = 8
+TOKENS = 8, 12  # positive, negative: lengths differ as SD3's T5 parts do; ComfyUI batches them repeated to 24
 
 
 def _setup(comfy_dir: str, work: Path):
@@ -103,11 +104,11 @@ def main() -> None:
         pooled_dim = dm.y_embedder.mlp[0].in_features
         g = torch.Generator().manual_seed(0)
 
-        def cond():
-            return [[torch.randn(1, TOKENS, context_dim, generator=g),
+        def cond(tokens):
+            return [[torch.randn(1, tokens, context_dim, generator=g),
                      {"pooled_output": torch.randn(1, pooled_dim, generator=g)}]]
 
-        positive, negative = cond(), cond()
+        positive, negative = cond(TOKENS[0]), cond(TOKENS[1])
         latent = {"samples": torch.zeros(1, 16, 16, 16)}  # EmptySD3LatentImage: 16 channels, 128 px
 
         def ksampler(model, cfg, steps=STEPS, sampler="euler", scheduler="simple"):
@@ -168,6 +169,9 @@ def main() -> None:
                                       denoise=1.0, model_options=base.model_options).sigmas
         out["ksampler_sigmas"] = [float(s) for s in sig]
         out["linear_mode"], out["linear_evaluations"] = plans[-1][0], dict(plans[-1][1])
+        dual("linear", sampler="heun")  # two evaluations per step, the second at the next step's sigma
+        out["heun_sigmas"] = [s for s, _ in recorded]
+        out["heun_weights"] = [wt for _, wt in recorded]
 
         # ---- the guider with SamplerCustomAdvanced equals the KSampler node (power:2, dpmpp_2m)
         guider = RDTDualModelGuider().get_guider(base, positive, negative, CFG_BASE, CFG_TUNED, schedule="power:2",

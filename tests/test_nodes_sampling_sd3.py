@@ -117,6 +117,13 @@ def test_flow_sigmas_drive_the_step_index(checks):
     assert checks["ksampler_sigmas"] == pytest.approx(expected, abs=1e-6)
     assert checks["linear_sigmas"] == pytest.approx(expected[:-1], abs=1e-6)
     assert checks["linear_weights"] == pytest.approx([i / STEPS for i in range(STEPS)], abs=1e-12)
+    # Heun: each step's second evaluation sits at the next sigma and gets that step's weight; the last step
+    # (to sigma 0) is a plain Euler step
+    pairs = [(i, i + 1) for i in range(STEPS - 1)]
+    assert checks["heun_sigmas"] == pytest.approx([expected[j] for p in pairs for j in p] + [expected[STEPS - 1]],
+                                                  abs=1e-6)
+    assert checks["heun_weights"] == pytest.approx([j / STEPS for p in pairs for j in p] + [(STEPS - 1) / STEPS],
+                                                   abs=1e-12)
     assert checks["linear_mode"] == "rows"  # step 0 (w = 0) runs the base alone, the others one joint pass each
     assert checks["linear_evaluations"] == {"base": 1, "tuned": 0, "joint": STEPS - 1}
 
