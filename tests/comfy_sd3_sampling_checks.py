@@ -13,6 +13,9 @@ LoRA file for it). Under ``torch.inference_mode()`` as ComfyUI's executor runs n
   weights each evaluation used recorded from the guider's mixer, and the guider's plan (``rows``: one batched
   pass; ``weights``: the weight-function fallback, also forced once).
 
+With ``flux_transformer.safetensors``, ``flux_config.json`` and ``loras/rdt_flux.safetensors`` in ``WORK`` a tiny
+Flux MODEL gets the same comparisons at CFG 1 (result ``flux``).
+
 Conditioning is made by hand in SD3's shapes: ``c_crossattn`` ``[1, T, context dim]`` (T differs between the
 positive and the negative) and ``pooled_output``.
 """
@@ -182,7 +185,74 @@ def main() -> None:
         got = custom.SamplerCustomAdvanced.execute(noise, guider, sampler_obj, sigmas, latent).args[0]["samples"]
         out["guider_vs_node"] = _maxdiff(got, dual("power:2", sampler="dpmpp_2m"))
         out["power_vs_base"] = _maxdiff(got, ksampler(base, CFG_BASE, sampler="dpmpp_2m"))
+        if (work / "flux_transformer.safetensors").exists():
+            out["flux"] = _flux_checks(work, plans)
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def _load_tiny_flux(path: Path, num_heads: int, axes_dim: list[int]):
+    """ComfyUI's Flux MODEL from a diffusers-layout transformer, loaded as ``load_diffusion_model_state_dict``
+    does; its detection fixes Flux's 24 heads and rope axes (16, 56, 56), so the tiny model's are set in the
+    detected config."""
+    import torch
+
+    import comfy.model_detection
+    import comfy.model_patcher
+    from safetensors.torch import load_file
+
+    sd = comfy.model_detection.convert_diffusers_mmdit(load_file(str(path)), "")
+    config = comfy.model_detection.model_config_from_unet(sd, "")
+    config.unet_config.update(num_heads=num_heads, axes_dim=list(axes_dim))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _flux_checks(work: Path, plans: list) -> dict:
+    """Flux (guidance-distilled, CFG 1: no negative pass) with rdt's Flux LoRA: the same comparisons, Euler."""
+    import torch
+
+    import nodes
+    from comfy_rdt_nodes.nodes_sampling import RDTDualModelKSampler
+
+    spec = json.loads((work / "flux_config.json").read_text())
+    base = _load_tiny_flux(work / "flux_transformer.safetensors", spec["num_heads"], spec["axes_dim"])
+    tuned = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "rdt_flux.safetensors", 1.0)[0]
+    extra = {k: v[len(base.patches.get(k, [])):] for k, v in tuned.patches.items()}
+    res = {"model_type": type(base.model).__name__, "lora_patches": sum(len(v) for v in extra.values()),
+           "offset_patches": sum(1 for v in extra.values() for e in v if e[3] is not None),
+           "lora_keys": sum(1 for _ in extra)}
+    dm = base.model.diffusion_model
+    g = torch.Generator().manual_seed(1)
+
+    def cond(tokens):
+        return [[torch.randn(1, tokens, dm.txt_in.in_features, generator=g),
+                 {"pooled_output": torch.randn(1, dm.vector_in.in_layer.in_features, generator=g), "guidance": 3.5}]]
+
+    positive, negative = cond(8), cond(8)
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+
+    def ksampler(model, steps):
+        return nodes.common_ksampler(model, SEED, steps, 1.0, "euler", "simple", positive, negative, latent)[0][
+            "samples"]
+
+    def dual(schedule, steps):
+        return RDTDualModelKSampler().sample(base, positive, negative, latent, SEED, steps, 1.0, 1.0, "euler",
+                                             "simple", 1.0, schedule=schedule, tuned_model=tuned)[0]["samples"]
+
+    ref_b, ref_t = ksampler(base, STEPS), ksampler(tuned, STEPS)
+    res["ref_gap"] = _maxdiff(ref_b, ref_t)
+    res["base_vs_ksampler"] = _maxdiff(dual("base", STEPS), ref_b)
+    res["tuned_vs_ksampler"] = _maxdiff(dual("tuned", STEPS), ref_t)
+    w = 0.3
+    one_b, one_t = ksampler(base, 1), ksampler(tuned, 1)
+    res["one_step_ref_gap"] = _maxdiff(one_b, one_t)
+    mixed = dual(f"keyframes:0={w}", 1)
+    res["one_step_mix_vs_hand"] = _maxdiff(mixed, (1 - w) * one_b + w * one_t)
+    res["one_step_mix_vs_base"] = _maxdiff(mixed, one_b)
+    res["one_step_mode"], res["one_step_evaluations"] = plans[-1][0], dict(plans[-1][1])
+    return res
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The dual-model sampling nodes on an SD3 MODEL in a real ComfyUI, with rdt's SD3 LoRA file (marker ``comfyui``).
+"""The dual-model sampling nodes on SD3 (and Flux) MODELs in a real ComfyUI, with rdt's LoRA files (marker ``comfyui``).
 
 A tiny SD3 transformer (diffusers layout, 2 blocks of width 128 = ComfyUI's ``64 * depth``, one SD3.5-style
 ``attn2`` block) and a rank-2 LoRA on its attention projections written by ``rdt_lib.lora_io.save_lora`` are loaded
 by ComfyUI's own code in ComfyUI's Python (``tests/comfy_sd3_sampling_checks.py``): the base MODEL by
 ``comfy.sd.load_diffusion_model_state_dict`` (which fuses q / k / v), the tuned MODEL by ``LoraLoaderModelOnly``
 (whose SD3 key map puts the q / k / v LoRAs on slices of the fused weights: patches with an ``offset``).
-The guider runs those offset patches as per-row LoRA terms on slices of the fused outputs (one batched pass for
+A tiny Flux transformer (1 double + 1 single block) with rdt's Flux LoRA is checked the same way, at CFG 1 (ComfyUI's
+detection fixes Flux's 24 heads and rope axes, so the tiny model's are set in the detected config). The guider runs
+those offset patches as per-row LoRA terms on slices of the fused outputs (one batched pass for
 base and tuned, as on SD1.5); the weight-function fallback is checked too, forced. References are ComfyUI's KSampler
 on each MODEL and the KSamplerAdvanced chain; every comparison first asserts that the references differ by far more
 than its tolerance.
@@ -48,6 +50,35 @@ def _write_model_files(work: Path) -> None:
     save_file(plain, str(work / "transformer.safetensors"))
 
 
+FLUX_HEADS, FLUX_AXES = 2, (4, 6, 6)  # head width 16 = the rope axes' sum
+
+
+def _write_flux_files(work: Path) -> int:
+    """A tiny Flux transformer (1 double + 1 single block, width 32) and rdt's LoRA file for it; returns the
+    number of LoRA'd modules."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from rdt_lib.backbones.flow import FLOW_LORA_TARGETS
+    from rdt_lib.lora import add_lora
+    from rdt_lib.lora_io import save_lora
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        network = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=FLUX_HEADS, joint_attention_dim=96, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=FLUX_AXES).eval()
+        torch.manual_seed(0)
+        add_lora(network, "tuned", rank=2, alpha=4.0, target_modules=FLOW_LORA_TARGETS, init_lora_weights=False)
+    save_lora(network, work / "loras" / "rdt_flux.safetensors", "tuned")
+    plain = {k.replace(".base_layer", ""): v.detach().contiguous() for k, v in network.state_dict().items()
+             if "lora_" not in k}
+    save_file(plain, str(work / "flux_transformer.safetensors"))
+    (work / "flux_config.json").write_text(json.dumps({"num_heads": FLUX_HEADS, "axes_dim": list(FLUX_AXES)}))
+    return sum(1 for _, m in network.named_modules() if hasattr(m, "lora_A"))
+
+
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
     tree = comfyui_dir()
@@ -55,13 +86,16 @@ def checks(tmp_path_factory):
         pytest.skip(HOST_HINT)
     work = tmp_path_factory.mktemp("sd3_sampling")
     _write_model_files(work)
+    flux_modules = _write_flux_files(work)
     env = {**os.environ, "COMFYUI_DIR": str(tree),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([comfyui_python(tree), str(HERE / "comfy_sd3_sampling_checks.py"), str(work)],
                           capture_output=True, text=True, env=env, timeout=1200)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(lines[0][len("RESULT "):])
+    result = json.loads(lines[0][len("RESULT "):])
+    result["flux"]["file_modules"] = flux_modules
+    return result
 
 
 @pytest.mark.comfyui
@@ -132,3 +166,19 @@ def test_flow_sigmas_drive_the_step_index(checks):
 def test_guider_with_sampler_custom_advanced_equals_the_node_on_sd3(checks):
     assert checks["power_vs_base"] > 100 * TOL
     assert checks["guider_vs_node"] <= TOL
+
+
+@pytest.mark.comfyui
+def test_flux_with_rdts_lora_runs_batched_and_equals_ksampler(checks):
+    """Flux at CFG 1 (no negative pass): every LoRA in rdt's Flux file becomes a ComfyUI patch (the q / k / v ones
+    slices of the fused double-block qkv and single-block linear1 weights), schedules base / tuned equal KSampler
+    and a one-step constant mix is the hand-made mix of the two one-step results."""
+    flux = checks["flux"]
+    assert flux["model_type"] == "Flux"
+    assert flux["lora_patches"] == flux["file_modules"] == 11 and flux["offset_patches"] == 9
+    assert flux["ref_gap"] > 100 * TOL and flux["one_step_ref_gap"] > 100 * TOL
+    assert flux["base_vs_ksampler"] <= TOL
+    assert flux["tuned_vs_ksampler"] <= TOL
+    assert flux["one_step_mix_vs_hand"] <= TOL and flux["one_step_mix_vs_base"] > 20 * TOL
+    assert flux["one_step_mode"] == "rows"
+    assert flux["one_step_evaluations"] == {"base": 0, "tuned": 0, "joint": 1}
