@@ -12,11 +12,13 @@ the two are mixed ``(1 - w) * base + w * tuned``; a model with weight 0 is not e
 How the tuned model is run (:attr:`DualModelGuider.mode`):
 
 - ``"base"``: the schedule is ``base``; the tuned model is not used (not even loaded).
-- ``"rows"``: the tuned MODEL is the base MODEL plus plain LoRA patches (``tuned.is_clone(base)``). Only the
-  base weights are loaded; the LoRA terms are added at forward time by hooks on the patched layers, to the
-  tuned rows only. Where both models are needed, one ``calc_cond_batch`` call with the conds ``[positive,
-  negative, positive, negative]`` (base pair, tuned pair) batches all rows into one forward pass; a
-  ``model_function_wrapper`` reads ``cond_or_uncond`` to tell the hooks which chunks are the tuned ones.
+- ``"rows"``: the tuned MODEL is the base MODEL plus plain LoRA patches (``tuned.is_clone(base)``), on whole
+  weights or on output-row slices of fused ones (ComfyUI's SD3 / Flux LoRA key maps put q / k / v on the fused
+  qkv weight with offsets). Only the base weights are loaded; the LoRA terms are added at forward time by hooks
+  on the patched layers, to the tuned rows only. Where both models are needed, one ``calc_cond_batch`` call
+  with the conds ``[positive, negative, positive, negative]`` (base pair, tuned pair) batches all rows into one
+  forward pass; a ``model_function_wrapper`` reads ``cond_or_uncond`` to tell the hooks which chunks are the
+  tuned ones.
 - ``"weights"``: the tuned MODEL is the base plus other patches (LoHa, LoKr, diffs, ...): still one weight
   copy; weight functions (``ModelPatcher.add_weight_wrapper``) apply ComfyUI's ``calculate_weight`` to each
   patched weight on the forward passes of the tuned model; base and tuned are two passes.

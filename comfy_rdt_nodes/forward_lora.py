@@ -7,6 +7,11 @@ the layer's kernel) and ``up`` a 1x1 (pointwise) map. This module adds that low-
 forward hook, and only to chosen rows of the batch, so one forward pass over ``[base rows, tuned rows]`` gives
 the base model's output on the first and the tuned model's on the others, with the weights left untouched.
 
+A term may patch only a slice of the weight's output rows (``out_slice = (start, length)``, ComfyUI's patch offset
+``(0, start, length)``): a LoRA on one part of a fused weight, such as the q, k or v part of an MMDiT's fused qkv
+projection (ComfyUI's SD3 / Flux LoRA key maps). Its ``up`` has ``length`` rows and its term is added to those
+output channels only.
+
 Which rows are tuned is told by a :class:`TunedRows` state shared by the hooks: ``off`` (no LoRA term), ``all``
 (every row) or a set of *chunk* indices with the number of chunks in the batch (ComfyUI's ``calc_cond_batch``
 concatenates chunks of equal size, one per cond, and lists them in ``transformer_options['cond_or_uncond']``).
@@ -40,25 +45,34 @@ def supports_row_lora(module: torch.nn.Module) -> bool:
     return False
 
 
+def _channel_dim(module: torch.nn.Module) -> int:
+    """The output-channel dimension of a layer's output: last for ``Linear``, 1 for convolutions."""
+    return -1 if isinstance(module, torch.nn.Linear) else 1
+
+
 @dataclass
 class LowRankTerm:
-    """``scale * up @ down`` added to one layer's weight; ``up`` is ``[out, rank, ...]`` and ``down``
-    ``[rank, in, ...]`` in any shape whose flattened product ``up.flatten(1) @ down.flatten(1)`` reshapes to
-    the weight (as ComfyUI's LoRA patches are applied)."""
+    """``scale * up @ down`` added to one layer's weight (or to the output rows ``out_slice = (start, length)``
+    of it); ``up`` is ``[rows, rank, ...]`` and ``down`` ``[rank, in, ...]`` in any shape whose flattened product
+    ``up.flatten(1) @ down.flatten(1)`` reshapes to the weight's rows (as ComfyUI's LoRA patches are applied)."""
 
     up: torch.Tensor
     down: torch.Tensor
     scale: float
+    out_slice: tuple[int, int] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def check(self, module: torch.nn.Module, key: str = "") -> None:
-        """Raise ``ValueError`` if the term does not fit the layer's weight shape."""
+        """Raise ``ValueError`` if the term does not fit the layer's weight shape (or its ``out_slice``)."""
         w = module.weight
         up, down = self.up.flatten(1), self.down.flatten(1)
-        if up.shape[1] != down.shape[0] or up.shape[0] * down.shape[1] != w.numel() or up.shape[0] != w.shape[0]:
+        start, rows = self.out_slice if self.out_slice is not None else (0, w.shape[0])
+        if (up.shape[1] != down.shape[0] or up.shape[0] != rows or up.shape[0] * down.shape[1] != w[0].numel() * rows
+                or start < 0 or start + rows > w.shape[0]):
+            where = f" on output rows {start}..{start + rows - 1}" if self.out_slice is not None else ""
             raise ValueError(
-                f"LoRA patch {key or ''} has up {tuple(self.up.shape)} / down {tuple(self.down.shape)}, which do "
-                f"not fit the base weight {tuple(w.shape)}"
+                f"LoRA patch {key or ''} has up {tuple(self.up.shape)} / down {tuple(self.down.shape)}{where}, which "
+                f"do not fit the base weight {tuple(w.shape)}"
             )
 
     def _factors(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
@@ -66,16 +80,17 @@ class LowRankTerm:
         got = self._cache.get(k)
         if got is None:
             w_shape = module.weight.shape
-            rank = self.up.flatten(1).shape[1]
+            rows, rank = self.up.flatten(1).shape
             down = self.down.reshape(rank, *w_shape[1:]) if not isinstance(module, torch.nn.Linear) \
                 else self.down.reshape(rank, -1)
-            up = self.up.reshape(w_shape[0], rank, *([1] * (len(w_shape) - 2)))
+            up = self.up.reshape(rows, rank, *([1] * (len(w_shape) - 2)))
             got = (down.to(device=device, dtype=dtype), (up * self.scale).to(device=device, dtype=dtype))
             self._cache[k] = got
         return got
 
     def delta(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The term's contribution to the layer's output for input rows ``x``."""
+        """The term's contribution to the layer's output for input rows ``x`` (to the ``out_slice`` channels
+        only, when set: ``length`` channels)."""
         down, up = self._factors(module, x.device, x.dtype)
         if isinstance(module, torch.nn.Linear):
             return F.linear(F.linear(x, down), up)
@@ -147,6 +162,22 @@ def tuned_chunk_positions(cond_or_uncond: Sequence[int], first_tuned: int) -> li
     return [pos for pos, cond in enumerate(cond_or_uncond) if cond >= first_tuned]
 
 
+def _terms_delta(terms: Sequence[LowRankTerm], module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The sum of the terms' contributions to the layer's whole output for input rows ``x``."""
+    d = None
+    for t in terms:
+        part = t.delta(module, x)
+        if t.out_slice is None:
+            d = part if d is None else d + part
+            continue
+        if d is None:
+            shape = list(part.shape)
+            shape[_channel_dim(module)] = module.weight.shape[0]
+            d = part.new_zeros(shape)
+        d.narrow(_channel_dim(module), t.out_slice[0], t.out_slice[1]).add_(part)
+    return d
+
+
 def _make_hook(terms: Sequence[LowRankTerm], rows: TunedRows):
     def hook(module, inputs, output):
         sel = rows.row_index(output.shape[0], output.device)
@@ -154,14 +185,8 @@ def _make_hook(terms: Sequence[LowRankTerm], rows: TunedRows):
             return None
         x = inputs[0]
         if isinstance(sel, slice):
-            d = terms[0].delta(module, x)
-            for t in terms[1:]:
-                d = d + t.delta(module, x)
-            return output + d.to(output.dtype)
-        xs = x.index_select(0, sel)
-        d = terms[0].delta(module, xs)
-        for t in terms[1:]:
-            d = d + t.delta(module, xs)
+            return output + _terms_delta(terms, module, x).to(output.dtype)
+        d = _terms_delta(terms, module, x.index_select(0, sel))
         return output.index_add(0, sel, d.to(output.dtype))
 
     return hook
@@ -186,5 +211,7 @@ def merged_weight(weight: torch.Tensor, terms: Sequence[LowRankTerm]) -> torch.T
     """Reference: the weight with every term merged in, ``W + sum(scale * up @ down)`` (float32 math)."""
     out = weight.detach().to(torch.float32).clone()
     for t in terms:
-        out += t.scale * (t.up.flatten(1).float() @ t.down.flatten(1).float()).reshape(weight.shape)
+        start, rows = t.out_slice if t.out_slice is not None else (0, weight.shape[0])
+        update = (t.up.flatten(1).float() @ t.down.flatten(1).float()).reshape(rows, *weight.shape[1:])
+        out[start:start + rows] += t.scale * update
     return out.to(weight.dtype)

@@ -9,8 +9,9 @@ them are the tuned model's own patches (:func:`extra_patches`).
 
 :func:`plan_forward_patches` decides how to apply them at forward time:
 
-- ``"rows"``: every extra patch is a plain LoRA (no DoRA, Tucker mid, reshape, offset, function,
-  strength_model) on a Linear or ungrouped convolution weight: per-row low-rank terms
+- ``"rows"``: every extra patch is a plain LoRA (no DoRA, Tucker mid, reshape, function, strength_model; an
+  offset only on the output rows, ``(0, start, length)``, as ComfyUI's SD3 / Flux key maps put the q / k / v LoRAs
+  on slices of the fused qkv weights) on a Linear or ungrouped convolution weight: per-row low-rank terms
   (:mod:`comfy_rdt_nodes.forward_lora`), so base and tuned rows run in one batched forward pass;
 - ``"weights"``: anything else (LoHa, LoKr, full diffs, norm weights, biases): a weight function that applies
   the patches to the weight on each forward while the tuned model is evaluated (two passes where both models
@@ -60,10 +61,22 @@ def _lora_weights(patch: Any):
     return None
 
 
+def _row_slice(offset: Any) -> tuple[int, int] | None | bool:
+    """ComfyUI's patch offset ``(dim, start, length)`` as output rows ``(start, length)``; ``None`` for no
+    offset, ``False`` for an offset on another dimension."""
+    if offset is None:
+        return None
+    if len(offset) == 3 and int(offset[0]) == 0:
+        return int(offset[1]), int(offset[2])
+    return False
+
+
 def low_rank_term(entry: Sequence[Any]) -> LowRankTerm | None:
-    """The low-rank term of one patch entry if it is a plain LoRA, else ``None``."""
+    """The low-rank term of one patch entry if it is a plain LoRA (on the whole weight or, with an offset
+    ``(0, start, length)``, on its output rows ``start .. start + length - 1``), else ``None``."""
     strength, patch, strength_model, offset, function = tuple(entry)[:5]
-    if strength_model != 1.0 or offset is not None or function is not None:
+    out_slice = _row_slice(offset)
+    if strength_model != 1.0 or out_slice is False or function is not None:
         return None
     weights = _lora_weights(patch)
     if weights is None or len(weights) < 2:
@@ -76,7 +89,7 @@ def low_rank_term(entry: Sequence[Any]) -> LowRankTerm | None:
         return None
     rank = down.shape[0]
     scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
-    return LowRankTerm(up=up, down=down, scale=scale)
+    return LowRankTerm(up=up, down=down, scale=scale, out_slice=out_slice)
 
 
 def get_submodule(model: torch.nn.Module, path: str) -> Any:
@@ -110,12 +123,16 @@ def _check_shapes(model: torch.nn.Module, key: str, entries: Sequence[Any]) -> N
         patch = entry[1]
         lw = _lora_weights(patch)
         reshape = lw[5] if lw is not None and len(lw) > 5 else None
-        if lw is not None and entry[3] is None and reshape is None:
+        rows = _row_slice(entry[3])
+        if lw is not None and rows is not False and reshape is None:
             up, down = lw[0].flatten(1), lw[1].flatten(1)
-            if up.shape[0] * down.shape[1] != weight.numel() or up.shape[1] != down.shape[0]:
+            start, length = rows if rows is not None else (0, weight.shape[0])
+            if (up.shape[0] * down.shape[1] != weight[0].numel() * length or up.shape[1] != down.shape[0]
+                    or start + length > weight.shape[0]):
+                where = f" on output rows {start}..{start + length - 1}" if rows is not None else ""
                 raise ValueError(
-                    f"the tuned MODEL's LoRA for {key} has up {tuple(lw[0].shape)} / down {tuple(lw[1].shape)}, which "
-                    f"do not fit the base weight {tuple(weight.shape)}: the LoRA is for another architecture"
+                    f"the tuned MODEL's LoRA for {key} has up {tuple(lw[0].shape)} / down {tuple(lw[1].shape)}{where}, "
+                    f"which do not fit the base weight {tuple(weight.shape)}: the LoRA is for another architecture"
                 )
         elif isinstance(patch, tuple) and len(patch) in (1, 2):
             diff = patch[0] if len(patch) == 1 else (patch[1][0] if patch[0] == "diff" else None)

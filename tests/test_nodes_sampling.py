@@ -223,6 +223,38 @@ def test_low_rank_term_shape_check():
     _term(5, (6,), 2, 1.0, 0).check(lin, "k")
 
 
+def test_row_lora_on_slices_of_a_fused_weight_matches_the_sliced_update():
+    """A fused qkv Linear (3 x 4 outputs) with LoRAs on its q and v slices (ComfyUI's offsets (0, 0, 4) and
+    (0, 8, 4)) plus one on the whole weight: the tuned rows equal a Linear whose weight got each update on its
+    rows only (built by hand), the k rows move by the whole-weight term alone, the base rows are untouched."""
+    torch.manual_seed(3)
+    qkv = torch.nn.Linear(5, 12)
+    q, v, whole = _term(4, (5,), 2, 0.8, 7), _term(4, (5,), 3, -1.2, 8), _term(12, (5,), 1, 0.5, 9)
+    q.out_slice, v.out_slice = (0, 4), (8, 4)
+    for t in (q, v, whole):
+        t.check(qkv, "qkv")
+    with torch.no_grad():
+        w = qkv.weight.clone()
+        w[0:4] += 0.8 * q.up @ q.down
+        w[8:12] += -1.2 * v.up @ v.down
+        w += 0.5 * whole.up @ whole.down
+    x = torch.randn(2, 3, 5)
+    expected = torch.nn.functional.linear(x, w, qkv.bias)
+    base_out = qkv(x)
+    assert (expected - base_out)[..., 0:4].abs().max() > 1e-2 and (expected - base_out)[..., 8:].abs().max() > 1e-2
+    assert (merged_weight(qkv.weight, [q, v, whole]) - w).abs().max() <= 1e-6
+    rows = TunedRows()
+    with attach_row_loras([(qkv, [q, v, whole])], rows), rows.scoped(rows.set_chunks, [1], 2):
+        got = qkv(x)
+    assert (got[0] - base_out[0]).abs().max() <= 1e-6
+    assert (got[1] - expected[1]).abs().max() <= 1e-5
+    with attach_row_loras([(qkv, [v])], rows), rows.scoped(rows.set_all):
+        only_v = qkv(x)
+    assert torch.equal(only_v[..., :8], base_out[..., :8])  # a slice term leaves the other channels alone
+    with pytest.raises(ValueError, match="output rows 10..13"):
+        LowRankTerm(up=v.up, down=v.down, scale=1.0, out_slice=(10, 4)).check(qkv, "qkv")
+
+
 # --- ComfyUI patch lists -> plans ---------------------------------------------------------------------------------
 
 class _LoraAdapter:  # the attributes ComfyUI's comfy.weight_adapter.LoRAAdapter carries
@@ -264,6 +296,9 @@ def test_low_rank_term_reads_plain_loras_only():
     assert low_rank_term(_entry(_LoraAdapter(up, down, 1.0, dora=torch.ones(6)))) is None
     assert low_rank_term(_entry(("diff", (torch.zeros(6, 4, 1, 1),)))) is None
     assert low_rank_term((1.0, _LoraAdapter(up, down, 1.0), 0.8, None, None)) is None  # strength_model
+    sliced = low_rank_term((1.0, _LoraAdapter(up, down, 2.0), 1.0, (0, 6, 6), None))  # ComfyUI's (dim, start, len)
+    assert sliced is not None and sliced.out_slice == (6, 6) and sliced.scale == 1.0
+    assert low_rank_term((1.0, _LoraAdapter(up, down, 2.0), 1.0, (1, 0, 4), None)) is None  # a slice of the inputs
 
 
 def test_plans_rows_for_loras_and_weights_for_other_patches():
@@ -288,6 +323,23 @@ def test_plan_rejects_patches_for_another_architecture():
         plan_forward_patches(model, {"diffusion_model.missing.weight": [wrong]})
     with pytest.raises(ValueError, match="another architecture"):
         plan_forward_patches(model, {"diffusion_model.fc.weight": [_entry(("diff", (torch.zeros(2, 2),)))]})
+
+
+def test_plans_rows_for_loras_on_slices_of_a_fused_weight():
+    """ComfyUI's SD3 / Flux key maps give the q / k / v LoRAs offsets into the fused qkv weight."""
+    model = _Model()
+    model.diffusion_model["qkv"] = torch.nn.Linear(4, 9)
+    key = "diffusion_model.qkv.weight"
+    entries = [(1.0, _LoraAdapter(torch.randn(3, 2), torch.randn(2, 4), 2.0), 1.0, (0, 3 * i, 3), None)
+               for i in range(3)]
+    plan = plan_forward_patches(model, {key: entries})
+    assert plan.mode == "rows" and [t.out_slice for t in plan.layers[0][1]] == [(0, 3), (3, 3), (6, 3)]
+    too_far = (1.0, _LoraAdapter(torch.randn(3, 2), torch.randn(2, 4), 2.0), 1.0, (0, 8, 3), None)
+    with pytest.raises(ValueError, match="another architecture"):
+        plan_forward_patches(model, {key: [too_far]})
+    wrong_rows = (1.0, _LoraAdapter(torch.randn(5, 2), torch.randn(2, 4), 2.0), 1.0, (0, 0, 3), None)
+    with pytest.raises(ValueError, match="another architecture"):
+        plan_forward_patches(model, {key: [wrong_rows]})
 
 
 # --- model pair checks (duck-typed ModelPatchers) ----------------------------------------------------------------
