@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -37,13 +36,11 @@ diffusers_logging.set_verbosity_error()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-from bench_sampling import DTYPES, _PeakRss, _rss_bytes, sync  # noqa: E402
+from bench_sampling import DTYPES, _PeakRss, _rss_bytes, run_mode, sync, time_runs  # noqa: E402
 from rdt_lib.backbones.base import Conditioning  # noqa: E402
 from rdt_lib.backbones.flow import FLOW_LORA_TARGETS  # noqa: E402
 from rdt_lib.backbones.sd3 import StableDiffusion3Backbone  # noqa: E402
-from rdt_lib.denoisers import ModelBranch  # noqa: E402
 from rdt_lib.lora import add_lora  # noqa: E402
-from rdt_lib.sampling import sample  # noqa: E402
 
 TRANSFORMER_SIZES = {
     # a small SD3-layout MMDiT: 4 joint blocks of width 256
@@ -98,17 +95,7 @@ def build(args, dtype: torch.dtype, lora: bool, rank: int = 32) -> TransformerOn
     return TransformerOnlyBackbone(net, args.t5_tokens)
 
 
-def run_mode(bb, mode: str, args, second=None) -> None:
-    prompts = ["p"] * args.batch
-    kw = dict(sampler="euler", scheduler="normal", num_steps=args.steps, height=args.height, width=args.width,
-              decode=False, seeds=0)
-    if mode == "single":
-        sample(bb, prompts, **kw)
-    elif mode == "two-copy power:2":
-        sample(bb, prompts, tuned=ModelBranch(second), schedule="power:2", **kw)
-    else:
-        schedule, _, variant = mode.partition(" ")
-        sample(bb, prompts, tuned=ModelBranch(bb, "tuned"), schedule=schedule, batched=variant != "unbatched", **kw)
+FLOW_SAMPLING = dict(sampler="euler", scheduler="normal")  # SD3's own sigma list (StableDiffusion3Pipeline's)
 
 
 def time_modes(args, dtype) -> tuple[dict[str, list[float]], int]:
@@ -118,18 +105,7 @@ def time_modes(args, dtype) -> tuple[dict[str, list[float]], int]:
     modes = {"single (plain)": (plain, "single"), "single (tuned: LoRA on)": (lora, "tuned"),
              "switch@0.75": (lora, "switch@0.75"), "power:2 (batched)": (lora, "power:2"),
              "power:2 (two passes)": (lora, "power:2 unbatched")}
-    with torch.no_grad():
-        for bb, mode in modes.values():  # warm-up
-            run_mode(bb, mode, args)
-        times: dict[str, list[float]] = {k: [] for k in modes}
-        for _ in range(args.repeats):
-            for name, (bb, mode) in modes.items():
-                sync(args.device)
-                t0 = time.perf_counter()
-                run_mode(bb, mode, args)
-                sync(args.device)
-                times[name].append(time.perf_counter() - t0)
-    return times, sum(p.numel() for p in plain.network.parameters())
+    return time_runs(modes, args, **FLOW_SAMPLING), sum(p.numel() for p in plain.network.parameters())
 
 
 def memory_of(mode: str, args) -> float:
@@ -146,7 +122,7 @@ def memory_of(mode: str, args) -> float:
     bb = build(args, dtype, lora=mode != "single")
     second = build(args, dtype, lora=False) if mode == "two-copy power:2" else None
     with torch.no_grad():
-        run_mode(bb, mode, args, second)
+        run_mode(bb, mode, args, second, **FLOW_SAMPLING)
     sync(args.device)
     if cuda:
         return float(torch.cuda.max_memory_allocated() - base)

@@ -89,9 +89,11 @@ def build(size: str, device: str, dtype: torch.dtype, lora: bool, rank: int = 32
     return UNetOnlyBackbone(unet)
 
 
-def run_mode(bb: Backbone, mode: str, args, second: Backbone | None = None) -> None:
+def run_mode(bb: Backbone, mode: str, args, second: Backbone | None = None, **sampling) -> None:
+    """One sampling run of ``mode`` (``single``, ``tuned``, a schedule with an optional `` unbatched``, or
+    ``two-copy power:2`` with ``second`` as the tuned copy); ``sampling``: extra ``sample()`` arguments."""
     prompts = ["p"] * args.batch
-    kw = dict(num_steps=args.steps, height=args.height, width=args.width, decode=False, seeds=0)
+    kw = dict(num_steps=args.steps, height=args.height, width=args.width, decode=False, seeds=0, **sampling)
     if mode == "single":
         sample(bb, prompts, **kw)
     elif mode == "two-copy power:2":
@@ -106,24 +108,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_runs(modes: dict[str, tuple[Backbone, str]], args, **sampling) -> dict[str, list[float]]:
+    """Seconds of each of ``args.repeats`` interleaved runs per mode (``name -> (backbone, mode)``), after one
+    warm-up run of each."""
+    with torch.no_grad():
+        for bb, mode in modes.values():  # warm-up
+            run_mode(bb, mode, args, **sampling)
+        times: dict[str, list[float]] = {k: [] for k in modes}
+        for _ in range(args.repeats):
+            for name, (bb, mode) in modes.items():
+                sync(args.device)
+                t0 = time.perf_counter()
+                run_mode(bb, mode, args, **sampling)
+                sync(args.device)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def time_modes(args, dtype) -> dict[str, float]:
     plain = build(args.size, args.device, dtype, lora=False)
     lora = build(args.size, args.device, dtype, lora=True)
     modes = {"single (plain UNet)": (plain, "single"), "single (tuned: LoRA on)": (lora, "tuned"),
              "switch@0.75": (lora, "switch@0.75"), "power:2 (batched)": (lora, "power:2"),
              "power:2 (two passes)": (lora, "power:2 unbatched")}
-    with torch.no_grad():
-        for bb, mode in modes.values():  # warm-up
-            run_mode(bb, mode, args)
-        times: dict[str, list[float]] = {k: [] for k in modes}
-        for _ in range(args.repeats):
-            for name, (bb, mode) in modes.items():
-                sync(args.device)
-                t0 = time.perf_counter()
-                run_mode(bb, mode, args)
-                sync(args.device)
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in time_runs(modes, args).items()}
 
 
 def memory_of(mode: str, args) -> float:
