@@ -142,23 +142,25 @@ def test_prompt_sources(tmp_path):
 # DINO preprocessing
 
 
-def test_dino_preprocessing_matches_pil_resize_and_centre_crop():
-    from PIL import Image
+def test_dino_preprocessing_matches_the_image_processor_imagerefl_uses():
+    """ImageReFL feeds DINO through ``AutoImageProcessor.from_pretrained("facebook/dino-vits16")``: a
+    ``ViTImageProcessor`` resizing to 224 x 224 with PIL's bilinear filter and ImageNet normalisation (its
+    preprocessor_config.json); the PIL version of that processor, so configured, is the reference."""
+    import numpy as np
+    from transformers import ViTImageProcessorPil
 
     from reward_fixtures import natural_image
     from rdt_lib.eval.embedding import IMAGENET_MEAN, IMAGENET_STD, dino_preprocess
 
-    image = natural_image(300, 400, seed=1)  # [3, 300, 400] in [0, 1]
+    image = natural_image(300, 400, seed=1)  # [3, 300, 400] in [0, 1], not square: no crop, the whole image
     ours = dino_preprocess(image[None])[0]
-    pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-    pil = pil.resize((341, 256), Image.BICUBIC)  # shorter side 256
-    left, top = (341 - 224) // 2, (256 - 224) // 2
-    ref = torch.from_numpy(__import__("numpy").asarray(pil.crop((left, top, left + 224, top + 224)),
-                                                       dtype="float32") / 255).permute(2, 0, 1)
-    ref = (ref - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    assert ours.shape == (3, 224, 224)
+    processor = ViTImageProcessorPil(size={"height": 224, "width": 224}, resample=2, image_mean=list(IMAGENET_MEAN),
+                                     image_std=list(IMAGENET_STD))
+    pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    ref = torch.as_tensor(np.asarray(processor(images=[pixels], return_tensors="np")["pixel_values"][0]))
+    assert ours.shape == ref.shape == (3, 224, 224)
     assert (ref - ref.mean()).abs().mean() > 0.3  # the image is not flat
-    assert (ours - ref).abs().mean() < 0.03  # PIL's bicubic kernel (a = -0.5) vs torch's (a = -0.75), 8-bit PIL
+    assert (ours - ref).abs().mean() < 0.02  # PIL's 8-bit resampling vs torch's antialiased bilinear
 
 
 def test_with_several_processes_a_failure_before_sampling_stops_every_process(monkeypatch):

@@ -1,9 +1,10 @@
 """DINO ViT image embeddings for the diversity measures (ImageReFL: ``facebook/dino-vits16`` CLS embeddings).
 
 :class:`DinoEmbedder` wraps a transformers ``ViTModel`` (loaded from a hub id or a local directory, without the
-pooling layer) and does DINO's evaluation preprocessing in torch, on the images' device: resize the shorter side
-to 256 pixels (bicubic, antialiased), centre crop 224 x 224, normalise with the ImageNet mean and std. The
-embedding is the final layer-normed CLS token (``last_hidden_state[:, 0]``), as DINO's own evaluation uses.
+pooling layer) and preprocesses in torch, on the images' device, as ImageReFL's diversity measure does through the
+model's own image processor (``facebook/dino-vits16``'s ``ViTImageProcessor``): resize the whole image to
+224 x 224 (bilinear, antialiased; no crop, so nothing at the borders is lost), normalise with the ImageNet mean and
+std. The embedding is the final layer-normed CLS token (``last_hidden_state[:, 0]``), as ImageReFL takes it.
 """
 
 from __future__ import annotations
@@ -22,21 +23,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def dino_preprocess(images: torch.Tensor, resize: int = 256, crop: int = 224) -> torch.Tensor:
-    """``images [B, 3, H, W]`` in [0, 1] -> DINO's input ``[B, 3, crop, crop]``: shorter side to ``resize``
-    (bicubic, antialiased; the longer side keeps the aspect ratio, rounded), centre crop, ImageNet normalisation."""
+def dino_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """``images [B, 3, H, W]`` in [0, 1] -> the ViT's input ``[B, 3, size, size]``: the whole image resized to
+    ``size`` x ``size`` (bilinear, antialiased, as PIL resizes in the model's ``ViTImageProcessor``), then the ImageNet
+    mean and std."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-    x = images.float()
-    h, w = x.shape[-2:]
-    scale = resize / min(h, w)
-    size = (max(resize, round(h * scale)), max(resize, round(w * scale)))
-    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
-    x = x[..., top:top + crop, left:left + crop]
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x.clamp(0, 1) - mean) / std
 
 
 class DinoEmbedder(torch.nn.Module):
@@ -70,8 +66,7 @@ class DinoEmbedder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
         param = next(self.model.parameters())
-        crop = self.image_size
-        pixels = dino_preprocess(images.to(param.device), resize=round(crop * 256 / 224), crop=crop)
+        pixels = dino_preprocess(images.to(param.device), size=self.image_size)
         out = self.model(pixel_values=pixels.to(param.dtype))
         return out.last_hidden_state[:, 0].float()
 
