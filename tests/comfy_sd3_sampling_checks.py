@@ -179,15 +179,23 @@ def main() -> None:
         # ---- the guider with SamplerCustomAdvanced equals the KSampler node (power:2, dpmpp_2m)
         guider = RDTDualModelGuider().get_guider(base, positive, negative, CFG_BASE, CFG_TUNED, schedule="power:2",
                                                  tuned_model=tuned)[0]
-        sigmas = custom.BasicScheduler.execute(base, "simple", STEPS, 1.0).args[0]
-        sampler_obj = custom.KSamplerSelect.execute("dpmpp_2m").args[0]
-        noise = custom.RandomNoise.execute(SEED).args[0]
-        got = custom.SamplerCustomAdvanced.execute(noise, guider, sampler_obj, sigmas, latent).args[0]["samples"]
+        sigmas = _node_outputs(custom.BasicScheduler, base, "simple", STEPS, 1.0)[0]
+        sampler_obj = _node_outputs(custom.KSamplerSelect, "dpmpp_2m")[0]
+        noise = _node_outputs(custom.RandomNoise, SEED)[0]
+        got = _node_outputs(custom.SamplerCustomAdvanced, noise, guider, sampler_obj, sigmas, latent)[0]["samples"]
         out["guider_vs_node"] = _maxdiff(got, dual("power:2", sampler="dpmpp_2m"))
         out["power_vs_base"] = _maxdiff(got, ksampler(base, CFG_BASE, sampler="dpmpp_2m"))
         if (work / "flux_transformer.safetensors").exists():
             out["flux"] = _flux_checks(work, plans)
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def _node_outputs(cls, *args) -> tuple:
+    """The outputs of a core node called with positional inputs: a V3 node's ``execute(...).args`` (these
+    custom-sampling nodes are V3 from ComfyUI 0.3.7x) or a classic node's ``FUNCTION`` method (0.3.64)."""
+    if hasattr(cls, "define_schema"):
+        return tuple(cls.execute(*args).args)
+    return getattr(cls(), cls.FUNCTION)(*args)
 
 
 def _load_tiny_flux(path: Path, num_heads: int, axes_dim: list[int]):
@@ -202,7 +210,9 @@ def _load_tiny_flux(path: Path, num_heads: int, axes_dim: list[int]):
 
     sd = comfy.model_detection.convert_diffusers_mmdit(load_file(str(path)), "")
     config = comfy.model_detection.model_config_from_unet(sd, "")
-    config.unet_config.update(num_heads=num_heads, axes_dim=list(axes_dim))
+    # 0.3.64's detection also fixes Flux's width (3072) and text width (4096); 0.3.7x reads them from the weights
+    config.unet_config.update(num_heads=num_heads, axes_dim=list(axes_dim), hidden_size=sd["img_in.weight"].shape[0],
+                              context_in_dim=sd["txt_in.weight"].shape[1])
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model(sd, "")
     model.load_model_weights(sd, "")
