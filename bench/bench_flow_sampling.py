@@ -36,7 +36,7 @@ diffusers_logging.set_verbosity_error()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-from bench_sampling import DTYPES, _PeakRss, _rss_bytes, run_mode, sync, time_runs  # noqa: E402
+from bench_sampling import DTYPES, peak_bytes_of, time_runs  # noqa: E402
 from rdt_lib.backbones.base import Conditioning  # noqa: E402
 from rdt_lib.backbones.flow import FLOW_LORA_TARGETS  # noqa: E402
 from rdt_lib.backbones.sd3 import StableDiffusion3Backbone  # noqa: E402
@@ -111,22 +111,7 @@ def time_modes(args, dtype) -> tuple[dict[str, list[float]], int]:
 def memory_of(mode: str, args) -> float:
     """Peak bytes attributable to one mode (model build + sampling)."""
     dtype = DTYPES[args.dtype]
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
-        watcher = _PeakRss()
-    bb = build(args, dtype, lora=mode != "single")
-    second = build(args, dtype, lora=False) if mode == "two-copy power:2" else None
-    with torch.no_grad():
-        run_mode(bb, mode, args, second, **FLOW_SAMPLING)
-    sync(args.device)
-    if cuda:
-        return float(torch.cuda.max_memory_allocated() - base)
-    return float(watcher.stop() - base)
+    return peak_bytes_of(mode, args, lambda lora: build(args, dtype, lora=lora), **FLOW_SAMPLING)
 
 
 MEMORY_MODES = ["single", "power:2", "power:2 unbatched", "two-copy power:2"]

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -134,9 +135,9 @@ def time_modes(args, dtype) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in time_runs(modes, args).items()}
 
 
-def memory_of(mode: str, args) -> float:
-    """Peak bytes attributable to one mode (model build + sampling)."""
-    dtype = DTYPES[args.dtype]
+def peak_bytes_of(mode: str, args, make: Callable[[bool], Backbone], **sampling) -> float:
+    """Peak bytes attributable to one mode: building its model(s) with ``make(lora)`` and one sampling run
+    (CUDA: ``max_memory_allocated``; CPU: the peak resident set size, sampled by a thread)."""
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()
@@ -144,15 +145,21 @@ def memory_of(mode: str, args) -> float:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-        sampler = _PeakRss()
-    bb = build(args.size, args.device, dtype, lora=mode != "single")
-    second = build(args.size, args.device, dtype, lora=False) if mode == "two-copy power:2" else None
+        watcher = _PeakRss()
+    bb = make(mode != "single")
+    second = make(False) if mode == "two-copy power:2" else None
     with torch.no_grad():
-        run_mode(bb, mode, args, second)
+        run_mode(bb, mode, args, second, **sampling)
     sync(args.device)
     if cuda:
         return float(torch.cuda.max_memory_allocated() - base)
-    return float(sampler.stop() - base)
+    return float(watcher.stop() - base)
+
+
+def memory_of(mode: str, args) -> float:
+    """Peak bytes attributable to one mode (model build + sampling)."""
+    dtype = DTYPES[args.dtype]
+    return peak_bytes_of(mode, args, lambda lora: build(args.size, args.device, dtype, lora=lora))
 
 
 def _rss_bytes() -> int:

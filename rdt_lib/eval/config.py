@@ -146,7 +146,6 @@ class EvalConfig(Section):
     report: ReportSection = Field(default_factory=ReportSection)
 
 
-
 _SYNONYMS = {
     "num_inference_steps": "sampling.steps", "guidance_scale": "model.cfg_scale", "lora": "tuned.path",
     "lora_path": "tuned.path", "pretrained_model_name_or_path": "model.path", "num_images_per_prompt":
