@@ -23,7 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..atomic_io import write_image_atomic, write_text_atomic
+from ..atomic_io import write_text_atomic
+from ..images import write_png
 
 __all__ = ["model_identity", "group_key", "ImageCache"]
 
@@ -76,14 +77,11 @@ class ImageCache:
 
     def put(self, settings: Mapping[str, Any], prompt: str, seed: int, image: torch.Tensor) -> Path:
         """Store ``image [3, H, W]`` in [0, 1] (rounded to 8 bits) and the group's ``settings.json``."""
-        from PIL import Image
-
         group = self.group_dir(settings)
         meta = group / "settings.json"
         if not meta.is_file():
             write_text_atomic(meta, json.dumps(dict(settings), indent=2, sort_keys=True, default=str) + "\n")
-        array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        return write_image_atomic(self.path(settings, prompt, seed), Image.fromarray(array), format="PNG")
+        return write_png(self.path(settings, prompt, seed), image)
 
     def get(self, settings: Mapping[str, Any], prompt: str, seed: int) -> torch.Tensor:
         """The stored image as ``[3, H, W]`` float32 in [0, 1]."""

@@ -20,29 +20,17 @@ from typing import Any, Sequence
 
 import torch
 
-from ..atomic_io import write_image_atomic, write_text_atomic
+from ..atomic_io import write_text_atomic
+from ..images import image_grid, write_png
 from ..evaluation.pareto import pareto_figure, pareto_front, save_figure
 from .config import SCHEMA, EvalConfig
 
-__all__ = ["write_outputs", "image_grid", "grid_file_name"]
+__all__ = ["write_outputs", "grid_file_name"]
 
 
 def grid_file_name(schedule: str) -> str:
     """``"switch@0.5"`` -> ``"switch_0.5.png"`` (letters, digits, dots; other runs of characters -> ``_``)."""
     return re.sub(r"[^A-Za-z0-9.]+", "_", schedule).strip("_") + ".png"
-
-
-def image_grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2):
-    """A PIL image of ``images [rows * cols, 3, H, W]`` in [0, 1], row-major, ``pad`` white pixels between."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    canvas = torch.ones(3, rows * (h + pad) - pad, cols * (w + pad) - pad)
-    for i in range(min(n, rows * cols)):
-        r, c = divmod(i, cols)
-        canvas[:, r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = images[i]
-    array = (canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
 
 
 def _fmt(value: Any) -> str:
@@ -84,7 +72,7 @@ def write_outputs(run_dir: Path, config: EvalConfig, rows: list[dict[str, Any]],
     grids = []
     for row, images in zip(rows, images_of):
         path = run_dir / "grids" / grid_file_name(row["name"])
-        write_image_atomic(path, image_grid(images[:n_rows * per], n_rows, per), format="PNG")
+        write_png(path, image_grid(images[:n_rows * per], n_rows, per, pad=2))
         grids.append(path)
     out["grids"] = run_dir / "grids"
     out["report"] = write_text_atomic(run_dir / "report.html",

@@ -39,7 +39,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..atomic_io import write_image_atomic, write_text_atomic
+from ..atomic_io import write_text_atomic
+from ..images import image_grid, write_png
 from ..lora import DEFAULT_SD_TARGETS, add_lora
 from ..lora_io import (base_model_version_of, kohya_metadata, lora_rank_alpha, network_lora_tensors,
                       save_lora_safetensors)
@@ -383,20 +384,6 @@ class RunCheckpoints:
 # validation grid
 
 
-def _grid(images: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """``[rows*cols, 3, H, W]`` (row-major) -> one ``[3, rows*H, cols*W]`` image."""
-    _, c, h, w = images.shape
-    return images.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
-
-
-def _save_png(image: torch.Tensor, path: Path) -> None:
-    import numpy as np
-    from PIL import Image
-
-    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    write_image_atomic(path, Image.fromarray(arr), format="PNG")
-
-
 @torch.no_grad()
 def validation_grid(backbone, config: TrainConfig, prompts: list[str]) -> torch.Tensor:
     """The tuned model's images for ``prompts`` x ``config.validation.seeds`` as one grid ``[3, H', W']``."""
@@ -412,7 +399,7 @@ def validation_grid(backbone, config: TrainConfig, prompts: list[str]) -> torch.
     out = sample(ModelBranch(backbone, cfg_scale=s.cfg_scale), rows, tuned=tuned, schedule="tuned",
                  scheduler=s.scheduler, num_steps=v.num_steps, seeds=row_seeds, height=res, width=res,
                  negative_prompt=s.negative_prompt)
-    return _grid(out.images.float().cpu(), len(prompts), len(seeds))
+    return image_grid(out.images.float().cpu(), len(prompts), len(seeds))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -512,7 +499,7 @@ def run_training(
                 if main:
                     with trainer.ema_weights(), acc.autocast():
                         grid = validation_grid(backbone, config, val_prompts)
-                    _save_png(grid, out_dir / "validation" / f"step-{step:06d}.png")
+                    write_png(out_dir / "validation" / f"step-{step:06d}.png", grid)
                     if writer is not None:
                         writer.add_image("validation", grid, step)
                 acc.wait_for_everyone()
