@@ -90,22 +90,17 @@ def resolve_sampler(sampler: str | None, scheduler: str, model_sampling: ModelSa
     without one only the name is checked and ``("ddim", "auto")`` returned); otherwise ``sampler`` (default
     ``ddim``) and the sigma list ``scheduler``."""
     key = scheduler.lower()
-    if key == AUTO:
-        if model_sampling is None:
-            if sampler is not None and sampler.lower() not in SAMPLER_NAMES:
-                raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
-            return (sampler or "ddim").lower(), AUTO
-        family, sigma_list = family_sampler(model_sampling, stochastic=stochastic, kind=kind)
-        name = (sampler or family).lower()
-        if name not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
-        return name, sigma_list
     if key in LEGACY_SCHEDULER_NAMES:
         legacy_sampler, legacy_scheduler = LEGACY_SCHEDULER_NAMES[key]
         return (sampler or legacy_sampler), legacy_scheduler
-    if key not in SCHEDULER_NAMES:
+    if key == AUTO:
+        default, key = ("ddim", AUTO) if model_sampling is None else family_sampler(
+            model_sampling, stochastic=stochastic, kind=kind)
+    elif key in SCHEDULER_NAMES:
+        default = "ddim"
+    else:
         raise ValueError(f"unknown scheduler {scheduler!r}; accepted: {', '.join(SCHEDULERS)}")
-    name = (sampler or "ddim").lower()
+    name = (sampler or default).lower()
     if name not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLER_NAMES)}")
     return name, key
