@@ -57,10 +57,9 @@ def tuned_is_lora(path: str, declared: str = "auto") -> bool:
     if local.is_dir():
         return (local / "adapter_model.safetensors").is_file() and not (local / "model_index.json").is_file()
     if local.is_file() and local.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+        from ..backbones.pipelines import checkpoint_keys
 
-        with safe_open(str(local), framework="pt") as fh:
-            keys = list(fh.keys())
+        keys = checkpoint_keys(local)
         return bool(keys) and all("lora" in k.lower() or k.endswith(".alpha") for k in keys)
     return False
 
