@@ -21,20 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-
-def _setup(comfy_dir: str, work: Path):
-    import torch
-
-    sys.path.insert(0, comfy_dir)
-    if not torch.cuda.is_available():
-        sys.argv = [sys.argv[0], "--cpu"]
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-    import folder_paths
-
-    folder_paths.add_model_folder_path("loras", str(work / "loras"), is_default=True)
-    folder_paths.set_output_directory(str(work / "output"))
+from comfy_inprocess import setup_comfy  # noqa: E402
 
 
 class FailingReward(__import__("torch").nn.Module):
@@ -73,7 +60,7 @@ def main() -> None:
     comfy_dir = os.environ["COMFYUI_DIR"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _setup(comfy_dir, work)
+        setup_comfy(comfy_dir, work)
         import comfy.sd
         import comfy_checkpoint
         from peft.tuners.lora import LoraLayer

@@ -30,24 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from comfy_inprocess import setup_comfy  # noqa: E402
+
 SEED = 77
 STEPS = 4
 CFG_BASE, CFG_TUNED = 3.0, 2.0
 TOKENS = 8, 12  # positive, negative: lengths differ as SD3's T5 parts do; ComfyUI batches them repeated to 24
-
-
-def _setup(comfy_dir: str, work: Path):
-    import torch
-
-    sys.path.insert(0, comfy_dir)
-    if not torch.cuda.is_available():
-        sys.argv = [sys.argv[0], "--cpu"]
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-    import folder_paths
-
-    folder_paths.add_model_folder_path("loras", str(work / "loras"), is_default=True)
 
 
 def _maxdiff(a, b) -> float:
@@ -58,7 +46,7 @@ def main() -> None:
     import torch
 
     work = Path(sys.argv[1])
-    _setup(os.environ["COMFYUI_DIR"], work)
+    setup_comfy(os.environ["COMFYUI_DIR"], work)
     import comfy.model_sampling
     import comfy.sd
     import nodes
